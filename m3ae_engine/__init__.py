@@ -1,0 +1,31 @@
+"""m3ae-engine: a kernel-optimised PyTorch engine for multimodal masked autoencoders (M3AE, MAE)."""
+from .config import M3AEConfig, ConfigError  # noqa: F401
+from .model import M3AE, M3AEOutput, InputError  # noqa: F401
+
+__version__ = "0.1.0"
+
+
+def _register_source_kernels() -> None:
+    """Make `m3ae_engine.kernels` importable from a source checkout (repo/kernels) when the
+    package is used without an install (PYTHONPATH=.); installs map it with package_dir."""
+    import importlib.abc
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    src = here.parent / "kernels" / "__init__.py"
+    if (here / "kernels").is_dir() or not src.is_file():
+        return
+
+    class _SourceKernelsFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != "m3ae_engine.kernels":
+                return None
+            return importlib.util.spec_from_file_location(name, src, submodule_search_locations=[str(src.parent)])
+
+    if not any(type(f).__name__ == "_SourceKernelsFinder" for f in sys.meta_path):
+        sys.meta_path.append(_SourceKernelsFinder())
+
+
+_register_source_kernels()

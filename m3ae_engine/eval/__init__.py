@@ -1,0 +1,1 @@
+"""Evaluation: linear probe, OOD score, reconstructions."""
