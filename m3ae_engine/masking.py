@@ -138,9 +138,9 @@ def _scatter_rows(dest: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
     return out[:rows].to(dtype)
 
 
-def _layout_rows(lengths: torch.Tensor, slot: int, packed: bool, batch: int):
-    """cu_seqlens [B+1] int32, rows, exact, starts [B] int64 for the given per-sample lengths."""
-    exact = lengths.device.type == "cpu" or not packed
+def _layout_rows(lengths: torch.Tensor, slot: int, packed: bool, batch: int, exact: bool):
+    """cu_seqlens [B+1] int64, rows, exact, lengths for the given per-sample lengths."""
+    exact = exact or not packed
     if not packed:
         lengths = torch.full_like(lengths, slot)
     cu = torch.zeros(batch + 1, dtype=torch.int64, device=lengths.device)
@@ -152,12 +152,14 @@ def _layout_rows(lengths: torch.Tensor, slot: int, packed: bool, batch: int):
 def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask: Optional[torch.Tensor],
                text_length: int, text_keep: int, *, has_image: bool = True, packed: bool = True,
                sharing: str = "sample", device=None, generator=None,
-               image_noise: Optional[torch.Tensor] = None, text_noise: Optional[torch.Tensor] = None
-               ) -> MaskingPlan:
+               image_noise: Optional[torch.Tensor] = None, text_noise: Optional[torch.Tensor] = None,
+               exact_sizes: Optional[bool] = None) -> MaskingPlan:
     """Draw the masks and build every index map (see module docstring).
 
     text_padding_mask: [B, Lt] (1/True = padding) or None for an image-only forward.
     The plan is built on `text_padding_mask.device` if given, else on `device`.
+    exact_sizes: size packed rows exactly (reads counts on the host); default: only when the plan is
+    built on the CPU. False forces the capacity layout with a filler tail (no host sync).
     """
     has_text = text_padding_mask is not None
     assert has_image or has_text, "a forward needs an image, a text, or both"
@@ -168,6 +170,7 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
     Lt = text_length if has_text else 0
     Kt = text_keep if has_text else 0
     i64 = dict(dtype=torch.int64, device=dev)
+    exact = (dev.type == "cpu") if exact_sizes is None else bool(exact_sizes)
     ar_b = torch.arange(B, **i64)
 
     # ---- draw the masks ----
@@ -201,7 +204,7 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
     # ---- encoder: [CLS, kept image, kept text] ----
     enc_slot = 1 + Ki + Kt
     enc_len = 1 + Ki + n_text
-    cu_enc, enc_rows, enc_exact, enc_len = _layout_rows(enc_len, enc_slot, packed, B)
+    cu_enc, enc_rows, enc_exact, enc_len = _layout_rows(enc_len, enc_slot, packed, B, exact)
     src = torch.cat([torch.full((B, 1), CLS_SOURCE, **i64),
                      ar_b[:, None] * Li + img_keep,
                      B * Li + ar_b[:, None] * Lt + txt_keep], 1)  # [B, slot]
@@ -230,7 +233,7 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
         n_dec_text = torch.full((B,), Lt, **i64)
     dec_slot = 1 + Li + Lt
     dec_len = 1 + Li + n_dec_text
-    cu_dec, dec_rows, dec_exact, dec_len = _layout_rows(dec_len, dec_slot, packed, B)
+    cu_dec, dec_rows, dec_exact, dec_len = _layout_rows(dec_len, dec_slot, packed, B, exact)
     jd = torch.arange(dec_slot, **i64)[None, :]
     dec_valid = jd < dec_len[:, None]
     dec_dest = cu_dec[:-1, None] + jd  # [B, dec_slot]
@@ -270,7 +273,7 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
         m_count = m_valid.sum(1)  # [B]
         cu_t = torch.zeros(B + 1, **i64)
         cu_t[1:] = torch.cumsum(m_count, 0)
-        t_exact = dev.type == "cpu"
+        t_exact = exact
         t_rows = int(cu_t[-1]) if t_exact else B * lm_t
         t_dest = cu_t[:-1, None] + torch.arange(lm_t, **i64)[None, :]
         if packed:  # decoder row of text position p = start + 1 + Li + rank of p among non-padded
