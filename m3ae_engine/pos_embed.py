@@ -39,6 +39,17 @@ def _cached_table(embed_dim: int, grid_size: int, text_length: int) -> torch.Ten
     return torch.cat(parts, 0) if parts else torch.zeros(0, embed_dim)
 
 
-def position_table(embed_dim: int, grid_size: int, text_length: int, device=None) -> torch.Tensor:
-    """[G*G + Lt, D] float32: image rows first (2-D), then text rows (1-D). CLS has no row."""
+@functools.lru_cache(maxsize=64)
+def _table_on(embed_dim: int, grid_size: int, text_length: int, device: str) -> torch.Tensor:
     return _cached_table(embed_dim, grid_size, text_length).to(device)
+
+
+def position_table(embed_dim: int, grid_size: int, text_length: int, device=None) -> torch.Tensor:
+    """[G*G + Lt, D] float32: image rows first (2-D), then text rows (1-D). CLS has no row.
+
+    Cached per device: a fresh host-to-device copy of pageable memory would wait for the stream.
+    """
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _table_on(embed_dim, grid_size, text_length, str(dev))

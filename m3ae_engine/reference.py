@@ -16,6 +16,7 @@ B*Li <= s < B*Li + B*Lt = text row s - B*Li of the flattened [B*Lt, D] text toke
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -49,13 +50,20 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Ten
     return x.reshape(b, channels, g * p, g * p)
 
 
+@functools.lru_cache(maxsize=32)
+def _channel_constant(values: tuple, device: str) -> torch.Tensor:
+    # cached: building it anew each call would be a pageable host->device copy that waits for the stream
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+
+
 def normalize_image(imgs: torch.Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
                     ) -> torch.Tensor:
     """uint8 [B,C,H,W] -> float32 (x/255 - mean)/std; float input is taken as already normalised."""
     if imgs.dtype == torch.uint8:
         assert mean is not None and std is not None, "uint8 images need mean and std"
-        m = torch.tensor(mean, dtype=torch.float32, device=imgs.device).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32, device=imgs.device).view(1, -1, 1, 1)
+        dev = str(imgs.device)
+        m = _channel_constant(tuple(float(v) for v in mean), dev)
+        s = _channel_constant(tuple(float(v) for v in std), dev)
         return (imgs.float() / 255.0 - m) / s
     return imgs.float()
 
