@@ -31,7 +31,11 @@ def add_speedups(result: dict) -> None:
 
 
 def _fmt(v, spec: str, suffix: str = "") -> str:
-    return "-" if v is None else format(v, spec) + suffix
+    if v is None:
+        return "-"
+    if spec == ".1f" and abs(v) < 10:  # small numbers (CPU runs) keep 3 significant digits
+        spec = ".3g"
+    return format(v, spec) + suffix
 
 
 def rows(result: dict):
@@ -66,9 +70,9 @@ def markdown(result: dict) -> str:
         f"Full training steps ({result['precision']}, AdamW), median of {result['args']['steps']} steps after "
         f"{result['args']['warmup']} warm-up. Captions: {cap['name']}, mean {cap['mean_tokens']} tokens"
         f"{'' if 'batch_mean_tokens' not in cap else ' (these batches: ' + str(cap['batch_mean_tokens']) + ')'}. "
-        f"Model FLOPs (useful work, used for MFU): {fl['model_per_sample'] / 1e9:.1f} GFLOP/sample/step; the "
-        f"reference formulation executes {fl['reference_per_sample'] / 1e9:.1f}. Measured {mm['dtype']} matmul "
-        f"({mm['size']}^3): {mm['tflops']:.0f} TFLOP/s; bf16 dense peak: "
+        f"Model FLOPs (useful work, used for MFU): {fl['model_per_sample'] / 1e9:.4g} GFLOP/sample/step; the "
+        f"reference formulation executes {fl['reference_per_sample'] / 1e9:.4g}. Measured {mm['dtype']} matmul "
+        f"({mm['size']}^3): {mm['tflops']:.4g} TFLOP/s; bf16 dense peak: "
         f"{result['peak_bf16_tflops'] if result.get('peak_bf16_tflops') else 'unknown'} TFLOP/s.",
         "",
         "| " + " | ".join(COLUMNS) + " |",

@@ -232,12 +232,7 @@ class Runner:
         self.model = model
         self.info: Dict[str, object] = {"kind": self.kind}
         if self.kind == "engine":
-            from m3ae_engine import attention, ops
-            c = self.config
-            self.info.update(kernels=ops.resolve_backend(None if c.kernels == "auto" else c.kernels, device),
-                             attention=attention.resolve_backend(None if c.attention == "auto" else c.attention,
-                                                                 device),
-                             packed=c.packed)
+            self.info.update(self.engine_backends())
         else:
             self.info.update(kernels="eager torch" + (" + torch.compile" if spec["compile"] else ""),
                              attention="sdpa (padded, key-padding mask)", packed=False)
@@ -252,6 +247,18 @@ class Runner:
             self.forward = torch.compile(model) if spec.get("compile") else model
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
+
+    def engine_backends(self) -> dict:
+        """The kernel and attention backends the engine resolves to (and whether packed attention
+        really has a varlen implementation, or falls back to the padded math path)."""
+        from m3ae_engine import attention, ops
+        c, device = self.config, self.device
+        attn = attention.resolve_backend(None if c.attention == "auto" else c.attention, device)
+        varlen = getattr(attention, "_VARLEN_IMPLS", None)
+        if c.packed and attn != "math" and varlen is not None and attn not in varlen:
+            attn += " (no varlen implementation registered: math fallback)"  # say what really runs
+        return dict(kernels=ops.resolve_backend(None if c.kernels == "auto" else c.kernels, device),
+                    attention=attn, packed=c.packed)
 
     def step(self, batch: Batch) -> torch.Tensor:
         with self.autocast:
@@ -363,6 +370,8 @@ def run_variant(name: str, args, base: M3AEConfig, init_state: dict, device: tor
             torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(args.seed)
         res.update(time_steps(runner, batches, args.steps, args.warmup, device))
+        if runner.kind == "engine":
+            res.update(runner.engine_backends())  # backends registered lazily during the steps count too
         if device.type == "cuda":
             res["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         res["samples_per_s"] = res["batch_size"] / (res["step_ms"] * 1e-3)
@@ -376,6 +385,8 @@ def run_variant(name: str, args, base: M3AEConfig, init_state: dict, device: tor
         res["variant_seconds"] = round(time.perf_counter() - t0, 1)
         del runner
         batches = None
+        if VARIANTS[name].get("compile"):
+            torch._dynamo.reset()  # drop compiled graphs (and what they hold) before the next variant
         free_memory(device)
     return res
 
