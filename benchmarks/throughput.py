@@ -319,7 +319,7 @@ def time_steps(runner: Runner, batches, steps: int, warmup: int, device: torch.d
         step_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     else:
         step_ms = [t * 1e3 for t in wall_times]
-    wall_s = time.perf_counter() - t_start
+    wall_s = time.perf_counter() - t_start  # all timed steps, host clock, after the final sync
     loss_values = [float(x) for x in losses]
     if not all(math.isfinite(v) for v in loss_values):
         raise FloatingPointError(f"non-finite loss: {loss_values}")
@@ -374,7 +374,8 @@ def run_variant(name: str, args, base: M3AEConfig, init_state: dict, device: tor
             res.update(runner.engine_backends())  # backends registered lazily during the steps count too
         if device.type == "cuda":
             res["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        res["samples_per_s"] = res["batch_size"] / (res["step_ms"] * 1e-3)
+        res["samples_per_s"] = res["batch_size"] / (res["step_ms"] * 1e-3)  # from the median step
+        res["samples_per_s_wall"] = res["batch_size"] * args.steps / res["wall_s"]  # mean over the timed steps
     except Exception as e:  # noqa: BLE001 - a failing variant is a result, the run goes on
         res["status"] = "OOM" if is_oom(e) else "error"
         res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
