@@ -101,7 +101,7 @@ def plot(result: dict, path) -> Optional[Path]:
     bars = ax.barh(names[::-1], values[::-1], color=["#4c72b0" if v else "#cccccc" for v in values[::-1]])
     top = max(values) if any(values) else 1.0
     for bar, r in zip(bars, res[::-1]):
-        label = (f"{r['samples_per_s']:.0f}/s" + (f"  ({r['speedup_vs_reference']:.2f}x)"
+        label = (f"{r['samples_per_s']:.4g}/s" + (f"  ({r['speedup_vs_reference']:.2f}x)"
                                                   if r.get("speedup_vs_reference") else "")
                  if r["status"] == "ok" else r["status"])
         ax.text(bar.get_width() + 0.01 * top, bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=9)
