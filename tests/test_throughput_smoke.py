@@ -1,0 +1,86 @@
+"""benchmarks/throughput.py on the CPU: tiny preset, 2 steps, reference and engine; no timing assertions."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import report  # noqa: E402
+import throughput  # noqa: E402
+from m3ae_engine import M3AEConfig  # noqa: E402
+
+
+def test_throughput_smoke_writes_json_markdown(tmp_path):
+    result = throughput.main(["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--steps", "2",
+                              "--warmup", "1", "--num-batches", "2", "--variants", "reference,engine",
+                              "--out-dir", str(tmp_path)])
+    files = list(tmp_path.glob("throughput_tiny_b2_*.json"))
+    assert len(files) == 1
+    saved = json.loads(files[0].read_text())
+    assert [r["variant"] for r in saved["results"]] == ["reference", "engine"]
+    for r in saved["results"]:
+        assert r["status"] == "ok", r
+        assert r["samples_per_s"] > 0 and r["step_ms"] > 0 and r["model_tflops"] > 0
+        assert r["loss_first"] > 0
+    ref, eng = saved["results"]
+    assert ref["speedup_vs_reference"] == pytest.approx(1.0)
+    # same model FLOPs for MFU; the reference executes more (padded, heads on all positions)
+    assert ref["executed_flops_per_sample"] > saved["flops"]["model_per_sample"] == eng["executed_flops_per_sample"]
+    for key in ("device", "torch", "triton", "cuda", "driver", "git_commit", "date"):
+        assert key in saved["meta"]
+    assert saved["captions"]["mean_tokens"] > 3
+    md = files[0].with_suffix(".md").read_text()
+    assert "| reference | ok |" in md and "| engine | ok |" in md
+    assert result["json_path"] == str(files[0])
+
+
+def test_failed_variant_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    original = throughput.Runner.step
+
+    def broken(self, batch):
+        if self.kind == "reference":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, batch)
+
+    monkeypatch.setattr(throughput.Runner, "step", broken)
+    result = throughput.main(["--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                              "--num-batches", "1", "--variants", "reference,engine", "--out-dir", str(tmp_path)])
+    status = {r["variant"]: r["status"] for r in result["results"]}
+    assert status == {"reference": "OOM", "engine": "ok"}
+    assert "OOM" in report.markdown(result)
+
+
+@pytest.mark.parametrize("largest,start,limit", [(37, 4, 1024), (4, 4, 1024), (1000, 8, 512), (3, 16, 64)])
+def test_find_max_batch_doubles_then_bisects(largest, start, limit):
+    calls = []
+
+    def fits(b):
+        calls.append(b)
+        return b <= largest
+
+    out = throughput.find_max_batch(fits, start, limit, tolerance=0)
+    assert out["max_batch"] == min(largest, limit)
+    assert out["limit_reached"] == (largest >= limit)
+    assert len(calls) <= 2 * (limit.bit_length() + 1)
+
+
+def test_caption_lengths_follow_the_stated_distribution():
+    gen = torch.Generator().manual_seed(0)
+    n = throughput.caption_lengths(20000, 64, gen)
+    assert n.min() >= 3 and n.max() <= 64
+    assert 13 <= float(n.double().median()) <= 15  # median ~14 BERT tokens (CC12M-like)
+    d = throughput.caption_distribution(64, False)
+    assert 15 < d["mean_tokens"] < 19
+    assert throughput.caption_distribution(64, True)["mean_tokens"] == 64
+    assert throughput.device_peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert throughput.device_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert throughput.device_peak_tflops("NVIDIA H200") == pytest.approx(989.4)
+    assert throughput.device_peak_tflops("Some GPU") is None
+    # text stays on the CPU, padding mask matches the lengths
+    c = M3AEConfig.from_preset("tiny")
+    b = throughput.make_batches(1, 5, c, torch.device("cpu"), False, 0)[0]
+    assert torch.equal((1 - b.text_padding_mask).sum(1).long(), b.lengths)
+    assert ((b.text != 0) == (b.text_padding_mask == 0)).all()
