@@ -505,7 +505,7 @@ def attention(qkv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
                                           validate=False)
     # padded layout: every sample owns `slot` rows; kept padded text positions are masked keys
     b, s = lay.batch, lay.slot
-    q, k, v = (t.reshape(b, s, *t.shape[2:]) for t in qkv.unbind(1))  # [B, S, H, Dh]
+    q, k, v = (t.reshape(b, s, *t.shape[1:]) for t in qkv.unbind(1))  # [B, S, H, Dh]
     if name == "math":
         out = padded_attention_math(q, k, v, lay.key_padding_mask)
     else:
