@@ -27,6 +27,7 @@ backend "auto", float32 inputs outside autocast skip those backends, so full pre
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import os
@@ -67,8 +68,10 @@ def _cuda_device(device) -> Optional[torch.device]:
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=None)
 def _flash_attn_impl(device: torch.device) -> Tuple[Optional[Callable], str]:
-    """(varlen function, description) of the newest flash-attn generation that suits this GPU."""
+    """(varlen function, description) of the newest flash-attn generation that suits this GPU.
+    Cached: the hot path must not re-import or query the device on every call."""
     major = torch.cuda.get_device_capability(device)[0]
     if major >= 10:  # Blackwell: FA4 (CuTe DSL)
         try:
@@ -201,14 +204,12 @@ def resolve_backend(backend: Optional[str] = None, device=None, dtype: Optional[
             raise AttentionBackendUnavailable(f"attention backend {choice!r} is unavailable here ({reason}); "
                                               f"available: {', '.join(avail)}")
         return choice
-    if _cuda_device(device) is None:
-        return "math"
+    if _cuda_device(device) is None or dtype == torch.float64:
+        return "math"  # no fused GPU kernel takes float64
     full_precision = (dtype in (torch.float32, torch.float64) and _autocast_dtype("cuda") is None)
     for name in AUTO_ORDER:
         if full_precision and name in HALF_ONLY:
             continue
-        if name == "sdpa" and dtype == torch.float64:
-            continue  # fused SDPA kernels take no float64
         if _probe(name, device) is None:
             return name
     return "math"
@@ -339,15 +340,21 @@ def _make_sdpa_impl(name: str):
 # ----------------------------------------------------------------------------------------------
 # varlen kernels (write garbage, or nothing, into filler rows: masked by the caller)
 # ----------------------------------------------------------------------------------------------
-def _filter_kwargs(fn, kwargs: dict) -> dict:
-    """Keep the keyword arguments `fn` accepts (FA2/FA3/FA4 signatures differ)."""
+@functools.lru_cache(maxsize=None)
+def _accepted_kwargs(fn) -> Optional[frozenset]:
+    """The keyword names `fn` accepts, or None for "anything" (FA2/FA3/FA4 signatures differ)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return kwargs
+        return None
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
+        return None
+    return frozenset(params)
+
+
+def _filter_kwargs(fn, kwargs: dict) -> dict:
+    accepted = _accepted_kwargs(fn)
+    return kwargs if accepted is None else {k: v for k, v in kwargs.items() if k in accepted}
 
 
 def _flash_attn_varlen(qkv, cu_seqlens, max_seqlen, scale):
@@ -490,9 +497,9 @@ class AttentionContext:
         return cls(layout, name, requested)
 
     def backend_for(self, dtype: torch.dtype) -> str:
-        """Auto re-resolves per dtype (fp32 without autocast avoids half-only kernels)."""
-        if self.requested is None and dtype in (torch.float32, torch.float64) and self.backend in HALF_ONLY:
-            return resolve_backend(None, self.layout.cu_seqlens.device, dtype)
+        """Auto re-resolves per dtype: fp32 without autocast avoids half-only kernels, fp64 gets math."""
+        if self.requested is None:
+            return resolve_backend(None, self.layout.cu_seqlens.device, dtype)  # cached probes: cheap
         return self.backend
 
 

@@ -210,6 +210,9 @@ def test_auto_order_and_full_precision(monkeypatch):
     assert A.resolve_backend("auto", "cuda:0", torch.bfloat16) == first
     full = [n for n in A.AUTO_ORDER if n in up and n not in A.HALF_ONLY][0]
     assert A.resolve_backend(None, "cuda:0", torch.float32) == full
+    assert A.resolve_backend(None, "cuda:0", torch.float64) == "math"
+    monkeypatch.setattr(A, "_autocast_dtype", lambda device_type: torch.bfloat16)  # as under CUDA autocast
+    assert A.resolve_backend(None, "cuda:0", torch.float32) == first  # the half-only kernels are fine again
     monkeypatch.setenv(A.ENV_VAR, "sdpa")
     assert A.resolve_backend(None, "cuda:0") == "sdpa"
     assert A.resolve_backend("torch_varlen", "cuda:0") == "torch_varlen"  # the argument beats the env
