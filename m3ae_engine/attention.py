@@ -50,6 +50,16 @@ HALF_ONLY = frozenset({"flash_attn", "torch_varlen", "sdpa_cudnn"})
 
 ENV_VAR = "M3AE_ATTENTION"
 
+# Head dims the FlashAttention-family kernels compile for (M3AE: 64 encoder, 32 decoder).
+_FLASH_HEAD_DIM = {"flash_attn": 256, "torch_varlen": 256, "sdpa_cudnn": 128}
+
+
+def _head_dim_problem(name: str, head_dim: Optional[int]) -> Optional[str]:
+    limit = _FLASH_HEAD_DIM.get(name)
+    if head_dim is None or limit is None or (head_dim % 8 == 0 and head_dim <= limit):
+        return None
+    return f"backend {name!r} needs a head dim that is a multiple of 8 and <= {limit}, got {head_dim}"
+
 
 class AttentionBackendUnavailable(RuntimeError):
     """The requested attention backend cannot run here; the message lists the ones that can."""
@@ -188,10 +198,11 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def resolve_backend(backend: Optional[str] = None, device=None, dtype: Optional[torch.dtype] = None) -> str:
+def resolve_backend(backend: Optional[str] = None, device=None, dtype: Optional[torch.dtype] = None,
+                    head_dim: Optional[int] = None) -> str:
     """The backend a call uses: `backend`, else env M3AE_ATTENTION, else the first of AUTO_ORDER that
-    runs on `device` ("math" off the GPU). With `dtype` float32/float64 and autocast off, "auto"
-    skips the half-precision-only kernels."""
+    runs on `device` ("math" off the GPU). With `dtype` float32 and autocast off, "auto" skips the
+    half-precision-only kernels (float64 gets math); with `head_dim`, kernels that lack it."""
     choice = backend or os.environ.get(ENV_VAR) or "auto"
     if choice != "auto":
         if choice not in BACKENDS:
@@ -208,7 +219,7 @@ def resolve_backend(backend: Optional[str] = None, device=None, dtype: Optional[
         return "math"  # no fused GPU kernel takes float64
     full_precision = (dtype in (torch.float32, torch.float64) and _autocast_dtype("cuda") is None)
     for name in AUTO_ORDER:
-        if full_precision and name in HALF_ONLY:
+        if (full_precision and name in HALF_ONLY) or _head_dim_problem(name, head_dim):
             continue
         if _probe(name, device) is None:
             return name
@@ -427,7 +438,10 @@ def _run(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, backend: 
         raise ValueError(f"qkv must be [T, 3, H, Dh], got {tuple(qkv.shape)}")
     if validate:
         _check_varlen(qkv, cu_seqlens, max_seqlen)
-    name = resolve_backend(backend, qkv.device, qkv.dtype)
+    name = resolve_backend(backend, qkv.device, qkv.dtype, qkv.shape[-1])
+    problem = _head_dim_problem(name, qkv.shape[-1])
+    if problem:
+        raise ValueError(problem + "; use backend 'sdpa_efficient', 'sdpa' or 'math'")
     in_dtype = qkv.dtype
     if name in HALF_ONLY and in_dtype not in (torch.float16, torch.bfloat16):
         low = _autocast_dtype(qkv.device.type)
@@ -496,17 +510,17 @@ class AttentionContext:
                               layout.cu_seqlens, layout.max_seqlen)
         return cls(layout, name, requested)
 
-    def backend_for(self, dtype: torch.dtype) -> str:
+    def backend_for(self, dtype: torch.dtype, head_dim: Optional[int] = None) -> str:
         """Auto re-resolves per dtype: fp32 without autocast avoids half-only kernels, fp64 gets math."""
         if self.requested is None:
-            return resolve_backend(None, self.layout.cu_seqlens.device, dtype)  # cached probes: cheap
+            return resolve_backend(None, self.layout.cu_seqlens.device, dtype, head_dim)  # cached probes
         return self.backend
 
 
 def attention(qkv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """qkv [T, 3, H, Dh] in the context's layout -> [T, H, Dh]."""
     lay = ctx.layout
-    name = ctx.backend_for(qkv.dtype)
+    name = ctx.backend_for(qkv.dtype, qkv.shape[-1])
     if lay.packed:
         return varlen_attention_qkvpacked(qkv, lay.cu_seqlens, lay.max_seqlen, backend=name, exact=lay.exact,
                                           validate=False)

@@ -172,6 +172,13 @@ def test_filler_rows_zero_whatever_the_kernel_writes(fake_torch_varlen):
     torch.testing.assert_close(out2, out.detach()[:rows2])
 
 
+def test_head_dim_the_kernel_lacks(fake_torch_varlen):
+    cu, rows = make_layout([3, 2], 0)
+    with pytest.raises(ValueError, match="multiple of 8 and <= 256, got 12.*sdpa_efficient"):
+        A.varlen_attention_qkvpacked(torch.randn(rows, 3, 2, 12), cu, 3, backend="torch_varlen")
+    assert fake_torch_varlen == []
+
+
 def test_cast_follows_autocast_dtype(fake_torch_varlen):
     cu, rows = make_layout([3, 2], 1)
     qkv = torch.randn(rows, 3, 2, 8)
@@ -213,6 +220,8 @@ def test_auto_order_and_full_precision(monkeypatch):
     assert A.resolve_backend(None, "cuda:0", torch.float64) == "math"
     monkeypatch.setattr(A, "_autocast_dtype", lambda device_type: torch.bfloat16)  # as under CUDA autocast
     assert A.resolve_backend(None, "cuda:0", torch.float32) == first  # the half-only kernels are fine again
+    no_flash = [n for n in A.AUTO_ORDER if n in up and n not in A._FLASH_HEAD_DIM][0]
+    assert A.resolve_backend(None, "cuda:0", torch.bfloat16, head_dim=12) == no_flash  # FA needs Dh % 8 == 0
     monkeypatch.setenv(A.ENV_VAR, "sdpa")
     assert A.resolve_backend(None, "cuda:0") == "sdpa"
     assert A.resolve_backend("torch_varlen", "cuda:0") == "torch_varlen"  # the argument beats the env
