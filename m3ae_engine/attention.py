@@ -152,12 +152,16 @@ def _trial(name: str, device: torch.device) -> Optional[str]:
     reasons that vary across versions; finding out once per device is cheaper than guessing.
     """
     try:
-        cu = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
-        dtype = torch.bfloat16 if name in HALF_ONLY else torch.float32
-        qkv = torch.randn(5, 3, 2, 64, device=device, dtype=dtype, requires_grad=True)  # 1 filler row
-        out = _IMPLS[name](qkv, cu, 3, None)
-        out.float().sum().backward()
-        torch.cuda.synchronize(device)
+        # the first call may come from inside no_grad / inference_mode / autocast: the trial needs none
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            cu = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
+            dtype = torch.bfloat16 if name in HALF_ONLY else torch.float32
+            # deterministic values: a probe must not consume the caller's random stream
+            qkv = torch.arange(5 * 3 * 2 * 64, device=device).sin().view(5, 3, 2, 64).to(dtype)  # 1 filler row
+            qkv.requires_grad_(True)
+            out = _IMPLS[name](qkv, cu, 3, None)
+            out.float().sum().backward()
+            torch.cuda.synchronize(device)
         return None
     except Exception as e:  # any failure means "not usable here"; the message says why
         return f"trial call failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -244,6 +244,21 @@ def test_unknown_and_unavailable_backends(monkeypatch):
     assert "GPU" in report["torch_varlen"]
 
 
+def test_trial_probe_runs_inside_no_grad_and_reports_failures(monkeypatch):
+    """The first model call may be in eval mode: the trial still runs forward+backward there, and
+    leaves the caller's random stream alone. (The trial is CUDA-only in use; its body runs on the CPU.)"""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    cpu = torch.device("cpu")
+    state = torch.get_rng_state()
+    with torch.inference_mode():
+        assert A._trial("sdpa", cpu) is None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert A._trial("math", cpu) is None
+    assert torch.equal(torch.get_rng_state(), state)
+    monkeypatch.setitem(A._IMPLS, "sdpa_efficient", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel")))
+    assert "RuntimeError: no kernel" in A._trial("sdpa_efficient", cpu)
+
+
 def test_bad_inputs_give_clear_errors():
     qkv = torch.randn(6, 3, 2, 8)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
