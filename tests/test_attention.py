@@ -150,7 +150,8 @@ def fake_torch_varlen(monkeypatch):
     seen = []
     monkeypatch.setitem(A._IMPLS, "torch_varlen", _garbage_kernel(seen))
     real_probe = A._probe
-    monkeypatch.setattr(A, "_probe", lambda name, device=None: None if name == "torch_varlen" else real_probe(name, device))
+    monkeypatch.setattr(A, "_probe",
+                        lambda name, device=None: None if name == "torch_varlen" else real_probe(name, device))
     return seen
 
 
