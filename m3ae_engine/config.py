@@ -160,6 +160,9 @@ class M3AEConfig:
         need(self.gelu in ("tanh", "exact"), f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
         need(self.kernels in ("auto", "torch", "triton", "cuda"),
              f"kernels must be one of auto, torch, triton, cuda; got {self.kernels!r}")
+        from .attention import BACKENDS as ATTENTION_BACKENDS  # late import: attention imports masking only
+        need(self.attention in ("auto",) + tuple(ATTENTION_BACKENDS),
+             f"attention must be auto or one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention!r}")
         need(self.layer_norm_eps > 0, f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         need(len(self.image_mean) == self.in_channels and len(self.image_std) == self.in_channels,
              f"image_mean/image_std need {self.in_channels} values")
