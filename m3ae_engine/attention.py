@@ -43,7 +43,7 @@ BACKENDS = ("flash_attn", "torch_varlen", "xformers", "sdpa", "sdpa_cudnn", "sdp
 
 # The order "auto" tries on a GPU; the first backend that runs here wins. The single knob to set
 # from benchmarks/attention.py measurements (benchmarks/results/attention_*.json).
-AUTO_ORDER = ("flash_attn", "torch_varlen", "sdpa_cudnn", "sdpa_efficient", "xformers", "sdpa", "math")
+AUTO_ORDER = ("torch_varlen", "flash_attn", "sdpa_cudnn", "sdpa", "sdpa_efficient", "xformers", "math")  # measured on H100: benchmarks/results/attention_h100.json (flash_attn, xformers not installed there)
 
 # Backends whose kernels accept only fp16/bf16: fp32 inputs are cast down and the output back up.
 HALF_ONLY = frozenset({"flash_attn", "torch_varlen", "sdpa_cudnn"})
