@@ -348,3 +348,57 @@ def _torch_timm_block(x, p, heads, approximate):
     h = F.layer_norm(x, (c,), p["norm2.weight"], p["norm2.bias"], 1e-6)
     h = F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"]), approximate=approximate)
     return x + F.linear(h, p["mlp.fc2.weight"], p["mlp.fc2.bias"])
+
+
+def test_cli_mae_to_torch(tmp_path, capsys):
+    msd = random_mae_state_dict(np.random.default_rng(8), d=64, dd=32)  # width 64: heads from --num-heads
+    torch.save({"model": msd}, tmp_path / "mae.pth")
+    assert main(["mae-to-torch", str(tmp_path / "mae.pth"), str(tmp_path / "out"), "--num-heads", "4",
+                 "--dec-num-heads", "2"]) == 0
+    assert "left at initialisation" in capsys.readouterr().out
+    model, report = load_model(tmp_path / "out")
+    assert report.ok and model.config.gelu == "exact" and model.config.emb_dim == 64
+    torch.testing.assert_close(model.encoder[0].attn.qkv.weight, msd["blocks.0.attn.qkv.weight"])
+    # without --num-heads a non-preset width is a clear error
+    assert main(["mae-to-torch", str(tmp_path / "mae.pth"), str(tmp_path / "out2")]) == 2
+    assert "--num-heads" in capsys.readouterr().err
+
+
+def test_flax_objects_unpickle_without_flax(tmp_path, monkeypatch, capsys):
+    """A pickle holding flax FrozenDicts and a TrainState object loads with only numpy installed."""
+    import sys
+    fd_mod, ts_mod = types.ModuleType("flax.core.frozen_dict"), types.ModuleType("flax.training.train_state")
+
+    class FrozenDict(dict):
+        def __reduce__(self):
+            return FrozenDict, (dict(self),)
+
+    class TrainState:
+        pass
+
+    for cls, mod in ((FrozenDict, fd_mod), (TrainState, ts_mod)):
+        cls.__module__, cls.__qualname__ = mod.__name__, cls.__name__
+        setattr(mod, cls.__name__, cls)
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    for name in ("flax", "flax.core", "flax.training"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    tree = official_tree(np.random.default_rng(9))
+    state = TrainState()
+    state.step, state.params = 7, FrozenDict({"params": FrozenDict(tree)})
+    path = tmp_path / "flax.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"state": state, "epoch": 1}, f)
+    for name in ("flax", "flax.core", "flax.core.frozen_dict", "flax.training", "flax.training.train_state"):
+        monkeypatch.delitem(sys.modules, name)  # flax is "not installed" while loading
+    flat = flatten_tree(find_params_tree(load_pickle(path)))
+    for k, v in flatten_tree(tree).items():
+        assert np.array_equal(flat[k], v), k
+    # a pickle that would run code on load is not executed
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"state": {"params": {"params": tree}}, "x": Evil()}, f)
+    capsys.readouterr()
+    assert "encoder" in find_params_tree(load_pickle(tmp_path / "evil.pkl"))
+    assert "pwned" not in capsys.readouterr().out

@@ -66,3 +66,17 @@ def test_timm_vision_transformer_loads_export_and_matches(tmp_path):
     with torch.no_grad():
         got = vit(normalize_image(img, cfg.image_mean, cfg.image_std))
     torch.testing.assert_close(got, model.forward_representation(img)[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_cli_to_timm_and_inspect(tmp_path, capsys):
+    model, cfg = _model()
+    save_checkpoint(model.state_dict(), cfg, tmp_path / "ckpt")
+    assert main(["to-timm", str(tmp_path / "ckpt"), str(tmp_path / "t" / "vit.pth")]) == 0
+    saved = torch.load(str(tmp_path / "t" / "vit.pth"), weights_only=True)["model"]
+    want = to_timm_state_dict(model.state_dict(), cfg)
+    assert set(saved) == set(want) and all(torch.equal(saved[k], want[k]) for k in want)
+    spec = json.loads((tmp_path / "t" / "timm_config.json").read_text())
+    assert spec["kwargs"]["act_layer"] == "gelu_tanh" and spec["kwargs"]["img_size"] == cfg.image_size
+    assert main(["inspect", str(tmp_path / "ckpt")]) == 0
+    assert "tensors converted" in capsys.readouterr().out
+    assert main(["to-timm", str(tmp_path / "nothing"), str(tmp_path / "x.pth")]) == 2
