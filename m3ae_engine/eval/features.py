@@ -92,7 +92,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
 def checkpoint_fingerprint(path) -> str:
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir():  # the weights and the config only (an output dir may also hold caches and logs)
+        files = sorted(p for p in path.iterdir() if p.is_file() and (p.name.startswith("model.")
+                                                                    or p.name == "config.json"))
+    else:
+        files = [path] + ([path.parent / "config.json"] if (path.parent / "config.json").is_file() else [])
     h = hashlib.sha1()
     for p in files:
         st = p.stat()
