@@ -25,8 +25,6 @@ code from the pickle).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import io
 import json
 import math
 import pickle

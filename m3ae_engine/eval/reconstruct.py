@@ -23,7 +23,6 @@ import tarfile
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from ..reference import patchify, unpatchify
