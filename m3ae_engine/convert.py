@@ -1,0 +1,721 @@
+"""Checkpoint conversion and loading: official M3AE (JAX/Flax pickles), facebookresearch/mae `.pth`,
+timm export, safetensors in and out.
+
+    python -m m3ae_engine.convert m3ae-to-torch  model.pkl  OUT_DIR  [--image-size 256 --text-length 64]
+    python -m m3ae_engine.convert torch-to-m3ae  CKPT       OUT.pkl
+    python -m m3ae_engine.convert mae-to-torch   mae_visualize_vit_large.pth OUT_DIR
+    python -m m3ae_engine.convert to-timm        CKPT       OUT.safetensors
+    python -m m3ae_engine.convert inspect        ANY_CHECKPOINT
+
+OUT_DIR receives `model.safetensors` + `config.json`, the layout `train.py --output-dir` writes, which
+`load_model` (and every eval command) reads. CKPT is such a directory, a `.safetensors` file with a
+`config.json` beside it, a torch file, an official pickle or an MAE `.pth`.
+
+Numerics (facts of the sources):
+- Flax Dense kernels are [in, out]; a torch Linear weight is kernel.T. The official qkv Dense lays its
+  output features out as (3, heads, head_dim), exactly as our `Attention.qkv`, so no permutation.
+- Patches are flattened in (p, p, c) order; a conv patch embedding [D, C, p, p] becomes a Linear on
+  flattened patches by permuting to [D, p, p, C].
+- LayerNorm eps 1e-6; GELU tanh for official M3AE, exact GELU for facebookresearch/mae.
+
+Official pickles are read without JAX/flax: classes of flax/optax/jax are replaced by inert stand-ins
+(only numpy arrays, builtin containers and the stand-ins are ever constructed, so loading executes no
+code from the pickle).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pickle
+import re
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .config import ENCODER_PRESETS, M3AEConfig
+from .pos_embed import sincos_2d
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# encoder width -> heads of the official presets (M3AE and MAE agree); decoder always 16 heads
+HEADS_BY_WIDTH = {v["emb_dim"]: v["num_heads"] for k, v in ENCODER_PRESETS.items() if k != "tiny"}
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted: missing, unexpected or mis-shaped entries, or an unknown format."""
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion report
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ConversionReport:
+    source: str
+    converted: List[str] = field(default_factory=list)  # target names filled from the source
+    missing: List[str] = field(default_factory=list)  # required source entries that are absent
+    unexpected: List[str] = field(default_factory=list)  # source entries nothing maps to
+    shape_mismatch: List[str] = field(default_factory=list)  # "name: source shape vs expected"
+    not_converted: List[str] = field(default_factory=list)  # target params left at init (by design)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatch)
+
+    def __str__(self) -> str:
+        def block(title, items, limit=40):
+            if not items:
+                return []
+            shown = [f"    {x}" for x in items[:limit]]
+            if len(items) > limit:
+                shown.append(f"    ... and {len(items) - limit} more")
+            return [f"  {title} ({len(items)}):"] + shown
+
+        lines = [f"conversion from {self.source}: {len(self.converted)} tensors converted"]
+        lines += block("MISSING in the source", self.missing)
+        lines += block("UNEXPECTED in the source", self.unexpected)
+        lines += block("SHAPE MISMATCH", self.shape_mismatch)
+        lines += block("left at initialisation (not in this source)", self.not_converted, 12)
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def raise_if_errors(self, allow_unexpected: bool = False) -> None:
+        bad = self.missing or self.shape_mismatch or (self.unexpected and not allow_unexpected)
+        if bad:
+            raise ConversionError(str(self))
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().float().numpy()
+    return np.asarray(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# official pickles without JAX
+# ---------------------------------------------------------------------------------------------
+class _Standin:
+    """Inert replacement for a class or function of a package we do not import (flax, optax, jax)."""
+    _qualname = "?"
+
+    def __init__(self, *args, **kwargs):
+        self._args, self._kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self._state = state
+
+    def __repr__(self):
+        return f"<stand-in for {self._qualname}>"
+
+
+_NUMPY_NAMES = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer", "frombuffer"}
+_BUILTIN_NAMES = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
+                  "bytearray", "bool", "slice", "range", "object"}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        root = module.split(".")[0]
+        if root == "numpy" and name in _NUMPY_NAMES:
+            return super().find_class(module, name)
+        if module == "builtins" and name in _BUILTIN_NAMES:
+            return super().find_class(module, name)
+        if (module, name) in {("collections", "OrderedDict"), ("copyreg", "_reconstructor"),
+                              ("types", "SimpleNamespace"), ("codecs", "encode")}:
+            return super().find_class(module, name)
+        return type(name, (_Standin,), {"_qualname": f"{module}.{name}"})
+
+
+def _plain(obj):
+    """Turn stand-ins (FrozenDict, TrainState, jax arrays) into dicts / numpy arrays, recursively."""
+    if isinstance(obj, _Standin):
+        args = getattr(obj, "_args", ())
+        state = getattr(obj, "_state", None)
+        for a in args:  # FrozenDict(dict) or a reconstructed array
+            if isinstance(a, (dict, np.ndarray)):
+                return _plain(a)
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = state[1]  # (dict_state, slots_state)
+        if isinstance(state, dict):
+            return {k: _plain(v) for k, v in state.items()}
+        d = {k: _plain(v) for k, v in vars(obj).items() if not k.startswith("_")}
+        return d or obj
+    if isinstance(obj, types.SimpleNamespace):
+        return {k: _plain(v) for k, v in vars(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj) if not hasattr(obj, "_fields") else obj
+    return obj
+
+
+def load_pickle(path) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        try:
+            return _plain(_SafeUnpickler(f).load())
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+            raise ConversionError(f"{path} is not a readable pickle of numpy arrays: {e}") from e
+
+
+def find_params_tree(obj) -> dict:
+    """The Flax parameter tree inside an official checkpoint: `state.params['params']`, or a bare tree."""
+    candidates = [("state", "params", "params"), ("state", "params"), ("params", "params"), ("params",), ()]
+    for path in candidates:
+        node = obj
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and ("image_embedding" in node or "encoder" in node
+                                       or "text_embedding" in node):
+            return node
+    top = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise ConversionError(f"no official M3AE parameter tree found (looked for state.params['params'] with "
+                          f"'encoder', 'image_embedding'); top level holds: {top}")
+
+
+def flatten_tree(tree: dict, prefix: str = "") -> Dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten_tree(v, name))
+        else:
+            out[name] = np.asarray(v)
+    return out
+
+
+def unflatten_tree(flat: Dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for name, v in flat.items():
+        node = tree
+        parts = name.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# official M3AE <-> M3AE names
+# ---------------------------------------------------------------------------------------------
+TEXT_OFFICIAL = ("text_embedding/", "encoder_text_type_embedding", "decoder_text_type_embedding",
+                 "text_mask_embedding", "decoder_text_output/")
+
+
+def official_name_map(config: M3AEConfig, with_text: bool = True) -> List[Tuple[str, str, str]]:
+    """[(official name, torch name, kind)], kind 'dense' = kernel transposed, 'copy' = same layout."""
+    m: List[Tuple[str, str, str]] = []
+
+    def dense(src, dst):
+        m.append((f"{src}/kernel", f"{dst}.weight", "dense"))
+        m.append((f"{src}/bias", f"{dst}.bias", "copy"))
+
+    def ln(src, dst):
+        m.append((f"{src}/scale", f"{dst}.weight", "copy"))
+        m.append((f"{src}/bias", f"{dst}.bias", "copy"))
+
+    dense("image_embedding", "image_embedding")
+    m.append(("text_embedding/embedding", "text_embedding.weight", "copy"))
+    if config.use_type_embedding:
+        for n in ("encoder_image_type_embedding", "encoder_text_type_embedding",
+                  "decoder_image_type_embedding", "decoder_text_type_embedding"):
+            m.append((n, n, "copy"))
+    for n in ("cls_token", "image_mask_embedding", "text_mask_embedding"):
+        m.append((n, n, "copy"))
+    for stack, depth in (("encoder", config.depth), ("decoder", config.dec_depth)):
+        for i in range(depth):
+            s, t = f"{stack}/Block_{i}", f"{stack}.{i}"
+            ln(f"{s}/LayerNorm_0", f"{t}.norm1")
+            dense(f"{s}/Attention_0/Dense_0", f"{t}.attn.qkv")
+            dense(f"{s}/Attention_0/Dense_1", f"{t}.attn.proj")
+            ln(f"{s}/LayerNorm_1", f"{t}.norm2")
+            dense(f"{s}/TransformerMLP_0/fc1", f"{t}.mlp.fc1")
+            dense(f"{s}/TransformerMLP_0/fc2", f"{t}.mlp.fc2")
+        ln(f"{stack}/LayerNorm_0", f"{stack}_norm")
+    dense("decoder_input_projection", "decoder_input_projection")
+    dense("decoder_image_output/Dense_0", "decoder_image_output")
+    dense("decoder_text_output/Dense_0", "decoder_text_output")
+    if not with_text:
+        m = [e for e in m if not e[0].startswith(TEXT_OFFICIAL)]
+    return m
+
+
+def _count_blocks(flat, stack: str) -> int:
+    idx = {int(mt.group(1)) for k in flat for mt in [re.match(rf"{stack}/Block_(\d+)/", k)] if mt}
+    return max(idx) + 1 if idx else 0
+
+
+def config_from_official(flat: Dict[str, np.ndarray], **overrides) -> M3AEConfig:
+    """Infer the architecture from the parameter shapes; heads (not visible in shapes) from the preset
+    widths unless given; image_size / text_length default to the official 256 / 64."""
+    def need(name):
+        if name not in flat:
+            raise ConversionError(f"official checkpoint lacks {name!r}, needed to infer the architecture; "
+                                  f"it holds {sorted(flat)[:20]}...")
+        return flat[name]
+
+    d = need("cls_token").shape[-1]
+    patch_dim = need("image_embedding/kernel").shape[0]
+    dd = need("decoder_input_projection/kernel").shape[1]
+    vals = dict(emb_dim=int(d), depth=_count_blocks(flat, "encoder"), dec_emb_dim=int(dd),
+                dec_depth=_count_blocks(flat, "decoder"),
+                mlp_ratio=int(need("encoder/Block_0/TransformerMLP_0/fc1/kernel").shape[1] // d),
+                use_type_embedding="encoder_image_type_embedding" in flat, gelu="tanh", layer_norm_eps=1e-6)
+    p = int(round(math.sqrt(patch_dim / 3)))
+    if p * p * 3 != patch_dim:
+        raise ConversionError(f"image_embedding/kernel has {patch_dim} input features, not p*p*3")
+    vals["patch_size"] = p
+    if "text_embedding/embedding" in flat:
+        vals["vocab_size"] = int(flat["text_embedding/embedding"].shape[0])
+    vals.update({k: v for k, v in overrides.items() if v is not None})
+    vals.setdefault("num_heads", HEADS_BY_WIDTH.get(vals["emb_dim"]))
+    vals.setdefault("dec_num_heads", 16 if vals["dec_emb_dim"] % 16 == 0 else None)
+    if vals["num_heads"] is None or vals["dec_num_heads"] is None:
+        raise ConversionError(f"cannot infer the number of heads for width {vals['emb_dim']}/{vals['dec_emb_dim']}"
+                              f"; pass --num-heads / --dec-num-heads")
+    vals.setdefault("image_size", 256)
+    vals.setdefault("text_length", 64)
+    return M3AEConfig(**vals)
+
+
+def _target_shapes(config: M3AEConfig) -> Dict[str, Tuple[int, ...]]:
+    from .model import M3AE
+    with torch.device("meta"):
+        model = M3AE(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def official_to_state_dict(flat: Dict[str, np.ndarray], config: M3AEConfig, source: str = "official M3AE"
+                           ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
+    """Flat official params ('a/b/c' -> array) -> (partial torch state dict, report). Without any text
+    entry in the source (the official MaskedAutoencoder) the text parameters are reported as not converted."""
+    report = ConversionReport(source)
+    has_text = any(k.startswith(TEXT_OFFICIAL) for k in flat)
+    mapping = official_name_map(config, with_text=has_text)
+    shapes = _target_shapes(config)
+    sd: Dict[str, torch.Tensor] = {}
+    used = set()
+    for src, dst, kind in mapping:
+        if src not in flat:
+            if src.endswith("Attention_0/Dense_0/bias"):  # Attention(use_bias=False): zero bias is exact
+                sd[dst] = torch.zeros(shapes[dst])
+                report.notes.append(f"{src} absent (qkv without bias): zero bias")
+                continue
+            report.missing.append(src)
+            continue
+        used.add(src)
+        arr = np.asarray(flat[src], dtype=np.float32)
+        t = torch.from_numpy(arr.T.copy() if kind == "dense" else arr.copy())
+        if tuple(t.shape) != shapes[dst]:
+            report.shape_mismatch.append(f"{src} {tuple(arr.shape)} -> {dst} expects {shapes[dst]}"
+                                         f"{' (transposed)' if kind == 'dense' else ''}")
+            continue
+        sd[dst] = t
+        report.converted.append(dst)
+    report.unexpected = sorted(set(flat) - used)
+    if not has_text:
+        report.not_converted = sorted(set(shapes) - set(sd))
+        report.notes.append("image-only source: text parameters stay at initialisation")
+    return sd, report
+
+
+def state_dict_to_official(sd: Dict[str, torch.Tensor], config: M3AEConfig) -> dict:
+    """Torch state dict -> nested official parameter tree of float32 numpy arrays (exact inverse)."""
+    flat = {}
+    for src, dst, kind in official_name_map(config):
+        if dst not in sd:
+            raise ConversionError(f"state dict lacks {dst!r} (needed for {src})")
+        arr = _np(sd[dst]).astype(np.float32)
+        flat[src] = np.ascontiguousarray(arr.T if kind == "dense" else arr)
+    return unflatten_tree(flat)
+
+
+def save_official_pickle(sd: Dict[str, torch.Tensor], config: M3AEConfig, path) -> None:
+    """Write {'state': namespace(params={'params': tree}, step=0), 'variant': config} so that the official
+    `checkpoint_data['state'].params['params']` works; `types.SimpleNamespace` needs no extra package."""
+    tree = state_dict_to_official(sd, config)
+    data = {"state": types.SimpleNamespace(params={"params": tree}, step=0),
+            "variant": {"model": config.to_dict(), "source": "m3ae_engine"}}
+    with open(path, "wb") as f:
+        pickle.dump(data, f, protocol=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# facebookresearch/mae .pth -> M3AE (image-only)
+# ---------------------------------------------------------------------------------------------
+def mae_config_from_state_dict(msd: Dict[str, torch.Tensor], **overrides) -> M3AEConfig:
+    if "patch_embed.proj.weight" not in msd or "cls_token" not in msd:
+        raise ConversionError("not an MAE state dict: needs 'patch_embed.proj.weight' and 'cls_token'; "
+                              f"keys start with {sorted(msd)[:10]}")
+    w = msd["patch_embed.proj.weight"]
+    if w.dim() != 4 or w.shape[2] != w.shape[3]:
+        raise ConversionError(f"patch_embed.proj.weight must be [D, C, p, p], got {tuple(w.shape)}")
+    d, c, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    depth = 1 + max(int(k.split(".")[1]) for k in msd if k.startswith("blocks."))
+    vals = dict(emb_dim=d, depth=depth, patch_size=p, in_channels=c, gelu="exact", layer_norm_eps=1e-6,
+                use_type_embedding=False, norm_pix_loss=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                mlp_ratio=int(msd["blocks.0.mlp.fc1.weight"].shape[0] // d), image_size=224)
+    if "pos_embed" in msd:
+        g = int(round(math.sqrt(msd["pos_embed"].shape[1] - 1)))
+        vals["image_size"] = g * p
+    dec = [k for k in msd if k.startswith("decoder_blocks.")]
+    if dec:
+        vals["dec_depth"] = 1 + max(int(k.split(".")[1]) for k in dec)
+        vals["dec_emb_dim"] = int(msd["decoder_embed.weight"].shape[0])
+    vals.update({k: v for k, v in overrides.items() if v is not None})
+    vals.setdefault("num_heads", HEADS_BY_WIDTH.get(d))
+    if vals["num_heads"] is None:
+        raise ConversionError(f"cannot infer heads for width {d}; pass --num-heads")
+    return M3AEConfig(**vals)
+
+
+def conv_to_linear_patch_weight(w: torch.Tensor) -> torch.Tensor:
+    """[D, C, p, p] conv kernel -> [D, p*p*C] Linear weight on (p, p, c)-ordered patches."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def linear_to_conv_patch_weight(w: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
+    return w.reshape(w.shape[0], patch_size, patch_size, channels).permute(0, 3, 1, 2).contiguous()
+
+
+def _fixed_pos(config: M3AEConfig, dim: int) -> torch.Tensor:
+    """[1, 1 + L, dim] sin-cos table with a zero CLS row (MAE / timm layout)."""
+    return torch.cat([torch.zeros(1, dim), sincos_2d(dim, config.grid_size)])[None]
+
+
+def mae_to_state_dict(msd: Dict[str, torch.Tensor], config: M3AEConfig, pos_atol: float = 1e-4
+                      ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
+    report = ConversionReport("facebookresearch/mae")
+    shapes = _target_shapes(config)
+    sd: Dict[str, torch.Tensor] = {}
+    used = set()
+
+    def take(src, dst, fn=None, required=True):
+        if src not in msd:
+            if required:
+                report.missing.append(src)
+            return
+        used.add(src)
+        t = msd[src].detach().float().cpu()
+        t = fn(t) if fn else t
+        if tuple(t.shape) != shapes[dst]:
+            report.shape_mismatch.append(f"{src} {tuple(msd[src].shape)} -> {dst} expects {shapes[dst]}")
+            return
+        sd[dst] = t.clone()
+        report.converted.append(dst)
+
+    take("cls_token", "cls_token")
+    take("patch_embed.proj.weight", "image_embedding.weight", conv_to_linear_patch_weight)
+    take("patch_embed.proj.bias", "image_embedding.bias")
+    names = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+             "mlp.fc2.weight", "mlp.fc2.bias")
+    for i in range(config.depth):
+        for n in names:
+            take(f"blocks.{i}.{n}", f"encoder.{i}.{n}")
+    take("norm.weight", "encoder_norm.weight")
+    take("norm.bias", "encoder_norm.bias")
+    has_decoder = "decoder_embed.weight" in msd
+    if has_decoder:
+        take("decoder_embed.weight", "decoder_input_projection.weight")
+        take("decoder_embed.bias", "decoder_input_projection.bias")
+        take("mask_token", "image_mask_embedding")
+        for i in range(config.dec_depth):
+            for n in names:
+                take(f"decoder_blocks.{i}.{n}", f"decoder.{i}.{n}")
+        for n in ("decoder_norm.weight", "decoder_norm.bias"):
+            take(n, n)
+        take("decoder_pred.weight", "decoder_image_output.weight")
+        take("decoder_pred.bias", "decoder_image_output.bias")
+    else:
+        report.notes.append("encoder-only MAE checkpoint: decoder stays at initialisation")
+    for src, dim in (("pos_embed", config.emb_dim), ("decoder_pos_embed", config.dec_emb_dim)):
+        if src in msd:
+            used.add(src)
+            ref = _fixed_pos(config, dim)
+            got = msd[src].detach().float().cpu()
+            if tuple(got.shape) != tuple(ref.shape):
+                report.shape_mismatch.append(f"{src} {tuple(got.shape)} expects the fixed table {tuple(ref.shape)}")
+            elif (got - ref).abs().max() > pos_atol:
+                report.shape_mismatch.append(f"{src} is not the fixed 2-D sin-cos table (max diff "
+                                             f"{(got - ref).abs().max():.2e}); learned position embeddings "
+                                             f"are not supported")
+            else:
+                report.notes.append(f"{src} matches the fixed sin-cos table (skipped)")
+    report.unexpected = sorted(set(msd) - used)
+    report.not_converted = sorted(set(shapes) - set(sd))
+    return sd, report
+
+
+# ---------------------------------------------------------------------------------------------
+# export to timm
+# ---------------------------------------------------------------------------------------------
+TIMM_SIZES = {384: "small", 768: "base", 1024: "large", 1280: "huge"}
+
+
+def timm_model_spec(config: M3AEConfig) -> dict:
+    """Name and kwargs for `timm.create_model(name, **kwargs)` matching the exported encoder."""
+    size = TIMM_SIZES.get(config.emb_dim, "base")
+    kwargs = dict(img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.emb_dim,
+                  depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+                  class_token=True, global_pool="token", qkv_bias=True,
+                  act_layer="gelu_tanh" if config.gelu == "tanh" else "gelu")
+    return {"model_name": f"vit_{size}_patch{config.patch_size}_{config.image_size}",
+            "base_model_name": f"vit_{size}_patch{config.patch_size}_224", "kwargs": kwargs,
+            "mean": list(config.image_mean), "std": list(config.image_std),
+            "input": "float images (x/255 - mean) / std"}
+
+
+def to_timm_state_dict(sd: Dict[str, torch.Tensor], config: M3AEConfig) -> Dict[str, torch.Tensor]:
+    """Encoder -> timm VisionTransformer state dict (no head). The encoder image type embedding is folded
+    into pos_embed (image rows), the CLS row of pos_embed is zero: timm's CLS features equal
+    `M3AE.forward_representation(image)[:, 0]` for the same normalised input."""
+    def get(name):
+        if name not in sd:
+            raise ConversionError(f"state dict lacks {name!r}")
+        return sd[name].detach().float().cpu()
+
+    d = config.emb_dim
+    pos = sincos_2d(d, config.grid_size)
+    if config.use_type_embedding:
+        pos = pos + get("encoder_image_type_embedding").reshape(1, d)
+    out = {"cls_token": get("cls_token").reshape(1, 1, d).clone(),
+           "pos_embed": torch.cat([torch.zeros(1, d), pos])[None].contiguous(),
+           "patch_embed.proj.weight": linear_to_conv_patch_weight(get("image_embedding.weight"),
+                                                                  config.patch_size, config.in_channels),
+           "patch_embed.proj.bias": get("image_embedding.bias").clone(),
+           "norm.weight": get("encoder_norm.weight").clone(), "norm.bias": get("encoder_norm.bias").clone()}
+    for k in sd:
+        if k.startswith("encoder.") and k.split(".")[1].isdigit():
+            out["blocks." + k[len("encoder."):]] = get(k).clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# loading any checkpoint into an M3AE
+# ---------------------------------------------------------------------------------------------
+def _torch_load(path):
+    import argparse as _ap
+    try:
+        with torch.serialization.safe_globals([_ap.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(f"{path}: torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}); "
+                              f"re-save the state dict alone") from e
+
+
+def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for p in ("module.", "_orig_mod.", "model."):
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def read_config_json(path) -> M3AEConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path} (the checkpoint needs its config.json)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from e
+    return M3AEConfig.from_dict(d.get("model", d) if isinstance(d.get("model"), dict) else d)
+
+
+def read_checkpoint(path, config: Optional[M3AEConfig] = None, **overrides
+                    ) -> Tuple[Dict[str, torch.Tensor], M3AEConfig, ConversionReport]:
+    """Any supported checkpoint -> (M3AE state dict, config, report). `path`: a directory with
+    model.safetensors (or model.pt) + config.json; a .safetensors / .pt / .pth file (config.json beside it,
+    or embedded); an official pickle (.pkl); an MAE .pth."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        for name in ("model.safetensors", "model.pt", "model.pth", "model.pkl"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f"{path} holds no model.safetensors / model.pt / model.pkl")
+    cfg_json = path.parent / "config.json"
+    suffix = path.suffix.lower()
+    if suffix in (".pkl", ".pickle"):
+        flat = flatten_tree(find_params_tree(load_pickle(path)))
+        cfg = config or config_from_official(flat, **overrides)
+        sd, report = official_to_state_dict(flat, cfg, f"official M3AE pickle {path}")
+        return sd, cfg, report
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if config is None and "m3ae_config" in meta:
+            config = M3AEConfig.from_dict(json.loads(meta["m3ae_config"]))
+    elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        obj = _torch_load(path)
+        if not isinstance(obj, dict):
+            raise ConversionError(f"{path}: expected a dict, got {type(obj).__name__}")
+        if config is None and isinstance(obj.get("config"), dict):
+            config = M3AEConfig.from_dict(obj["config"])
+        sd = obj.get("model", obj.get("state_dict", obj.get("module", obj)))
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ConversionError(f"{path}: no state dict of tensors under 'model' / 'state_dict' / top level")
+    else:
+        raise ConversionError(f"unknown checkpoint type {path.name!r}: use a directory, .safetensors, .pt/.pth "
+                              f"or an official .pkl")
+    sd = _strip_prefixes(sd)
+    if "patch_embed.proj.weight" in sd and "image_embedding.weight" not in sd:
+        cfg = config or mae_config_from_state_dict(sd, **overrides)
+        sd, report = mae_to_state_dict(sd, cfg)
+        report.source = f"facebookresearch/mae {path}"
+        return sd, cfg, report
+    if config is None:
+        config = read_config_json(cfg_json)
+    if overrides:
+        config = M3AEConfig.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+    shapes = _target_shapes(config)
+    report = ConversionReport(f"m3ae_engine checkpoint {path}")
+    for k, v in sd.items():
+        if k not in shapes:
+            report.unexpected.append(k)
+        elif tuple(v.shape) != shapes[k]:
+            report.shape_mismatch.append(f"{k} {tuple(v.shape)} expects {shapes[k]}")
+        else:
+            report.converted.append(k)
+    report.missing = sorted(set(shapes) - set(sd))
+    return {k: v.float() for k, v in sd.items()}, config, report
+
+
+def load_model(path, config: Optional[M3AEConfig] = None, device="cpu", strict: bool = True,
+               verbose: bool = False, **overrides):
+    """Checkpoint -> (M3AE in eval mode on `device`, ConversionReport). Raises ConversionError listing
+    missing / unexpected / mis-shaped keys (with strict=False only missing-by-design params are tolerated)."""
+    from .model import M3AE
+    sd, cfg, report = read_checkpoint(path, config, **overrides)
+    if strict:
+        report.raise_if_errors()
+    model = M3AE(cfg)
+    res = model.load_state_dict(sd, strict=False)
+    left = sorted(set(res.missing_keys) - set(report.not_converted))
+    if strict and left:
+        raise ConversionError(f"{path}: parameters not filled: {left}")
+    if verbose:
+        print(report, file=sys.stderr)
+    return model.to(device).eval(), report
+
+
+def save_checkpoint(sd: Dict[str, torch.Tensor], config: M3AEConfig, out_dir) -> Path:
+    """Write OUT_DIR/model.safetensors (config embedded in the metadata too) + OUT_DIR/config.json."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.dumps(config.to_dict())
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, str(out / "model.safetensors"),
+              metadata={"m3ae_config": cfg, "format": "pt"})
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return out
+
+
+def _full_state_dict(sd, cfg):
+    """Fill params absent from a partial conversion with the model's initialisation."""
+    from .model import M3AE
+    model = M3AE(cfg)
+    full = model.state_dict()
+    full.update(sd)
+    return full
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m m3ae_engine.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def arch(sp):
+        sp.add_argument("--image-size", type=int, default=None)
+        sp.add_argument("--text-length", type=int, default=None)
+        sp.add_argument("--num-heads", type=int, default=None)
+        sp.add_argument("--dec-num-heads", type=int, default=None)
+        sp.add_argument("--config", default=None, help="config.json to use instead of inferring one")
+        sp.add_argument("--allow-unexpected", action="store_true", help="ignore source entries nothing maps to")
+
+    for name, hlp in (("m3ae-to-torch", "official Flax pickle -> OUT_DIR (model.safetensors + config.json)"),
+                      ("mae-to-torch", "facebookresearch/mae .pth -> OUT_DIR (image-only mode)"),
+                      ("to-torch", "any supported checkpoint -> OUT_DIR")):
+        sp = sub.add_parser(name, help=hlp)
+        sp.add_argument("src")
+        sp.add_argument("out_dir")
+        arch(sp)
+    sp = sub.add_parser("torch-to-m3ae", help="our checkpoint -> official-layout pickle")
+    sp.add_argument("src")
+    sp.add_argument("out")
+    sp = sub.add_parser("to-timm", help="encoder -> timm vit_* state dict (.safetensors or .pth) + timm_config.json")
+    sp.add_argument("src")
+    sp.add_argument("out")
+    sp = sub.add_parser("inspect", help="print the tensors of a checkpoint and what they convert to")
+    sp.add_argument("src")
+    arch(sp)
+    args = p.parse_args(argv)
+
+    def overrides():
+        return {k: getattr(args, k, None) for k in ("image_size", "text_length", "num_heads", "dec_num_heads")}
+
+    try:
+        if args.cmd in ("m3ae-to-torch", "mae-to-torch", "to-torch", "inspect"):
+            src = Path(args.src)
+            if args.cmd == "m3ae-to-torch" and src.suffix.lower() not in (".pkl", ".pickle"):
+                raise ConversionError(f"m3ae-to-torch expects an official .pkl, got {src.name}")
+            if args.cmd == "mae-to-torch" and src.suffix.lower() not in (".pth", ".pt", ".safetensors"):
+                raise ConversionError(f"mae-to-torch expects an MAE .pth, got {src.name}")
+            cfg = read_config_json(args.config) if args.config else None
+            sd, cfg, report = read_checkpoint(src, cfg, **overrides())
+            print(report)
+            if args.cmd == "inspect":
+                print(json.dumps(cfg.to_dict(), indent=2))
+                return 0 if report.ok else 1
+            report.raise_if_errors(allow_unexpected=args.allow_unexpected)
+            out = save_checkpoint(_full_state_dict(sd, cfg), cfg, args.out_dir)
+            print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+        elif args.cmd == "torch-to-m3ae":
+            sd, cfg, report = read_checkpoint(args.src)
+            report.raise_if_errors()
+            save_official_pickle(_full_state_dict(sd, cfg), cfg, args.out)
+            print(f"wrote {args.out}")
+        elif args.cmd == "to-timm":
+            sd, cfg, report = read_checkpoint(args.src)
+            report.raise_if_errors()
+            tsd = to_timm_state_dict(_full_state_dict(sd, cfg), cfg)
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.suffix == ".safetensors":
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in tsd.items()}, str(out))
+            else:
+                torch.save({"model": tsd}, str(out))
+            spec = timm_model_spec(cfg)
+            (out.parent / "timm_config.json").write_text(json.dumps(spec, indent=2))
+            print(f"wrote {out} ({len(tsd)} tensors) and {out.parent / 'timm_config.json'}\n"
+                  f"load: timm.create_model({spec['base_model_name']!r}, pretrained=False, num_classes=N, "
+                  f"**{spec['kwargs']}).load_state_dict(sd, strict=False)  # head stays new")
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
