@@ -34,21 +34,20 @@ _ALT = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 def expand_braces(pattern: str) -> List[str]:
     """`a/{000..002}.tar` -> [a/000.tar, a/001.tar, a/002.tar] (zero padding kept); `{x,y}` alternatives."""
-    m = _RANGE.search(pattern)
-    if m:
-        lo, hi = m.group(1), m.group(2)
+    mr, ma = _RANGE.search(pattern), _ALT.search(pattern)
+    if mr and (ma is None or mr.start() <= ma.start()):  # leftmost brace first
+        lo, hi = mr.group(1), mr.group(2)
         if int(hi) < int(lo):
-            raise DataError(f"empty brace range {m.group(0)} in source pattern {pattern!r}")
+            raise DataError(f"empty brace range {mr.group(0)} in source pattern {pattern!r}")
         width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
         out = []
         for i in range(int(lo), int(hi) + 1):
-            out += expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])
+            out += expand_braces(pattern[:mr.start()] + str(i).zfill(width) + pattern[mr.end():])
         return out
-    m = _ALT.search(pattern)
-    if m:
+    if ma:
         out = []
-        for alt in m.group(1).split(","):
-            out += expand_braces(pattern[:m.start()] + alt + pattern[m.end():])
+        for alt in ma.group(1).split(","):
+            out += expand_braces(pattern[:ma.start()] + alt + pattern[ma.end():])
         return out
     return [pattern]
 
