@@ -308,3 +308,70 @@ def test_model_consumes_batches(shards):
     assert torch.isfinite(out.loss)
     out = model(b["image"])
     assert torch.isfinite(out.loss)
+
+
+def test_gpu_transform_matches_pillow_on_cpu(shards):
+    """The nvJPEG path's torch resampling (run here on CPU tensors) against Pillow, same boxes and flips."""
+    from m3ae_engine.data.transforms import augment_gpu, augment_pil, decode_pil, sample_params
+    from m3ae_engine.data.testdata import jpeg_bytes
+    for i, size in enumerate([(160, 96), (96, 160), (200, 80), (64, 64)]):
+        im = decode_pil(jpeg_bytes(i, size=size)[0])
+        t = torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy())
+        for random_crop in (False, True):
+            box, fl = sample_params(0, 0, i, im.height, im.width, random_crop=random_crop, flip=True)
+            ref = torch.from_numpy(augment_pil(im, S, box, fl).copy()).float()
+            got = augment_gpu([t], S, [box], [fl])[0].float()
+            assert got.shape == ref.shape == (3, S, S)
+            assert (got - ref).abs().mean() < 1.5, (size, random_crop)
+
+
+def test_nvjpeg_batch_logic_on_cpu(shards, tmp_path, monkeypatch):
+    """NvJpegLoader's batching, crop choice and corrupt-slot filling, with Pillow standing in for nvJPEG."""
+    from m3ae_engine.data.loaders import NvJpegLoader, _ShardLoaderBase
+    from m3ae_engine.data.transforms import decode_pil
+    paths, caps, _ = shards
+
+    def fake_decode(self, data, keys, bad):
+        out = []
+        for d, k in zip(data, keys):
+            try:
+                out.append(torch.from_numpy(np.asarray(decode_pil(d)).transpose(2, 0, 1).copy()))
+            except Exception as e:
+                out.append(None)
+                bad.append((k, str(e)))
+        return out
+
+    def make(src, **kw):
+        loader = NvJpegLoader.__new__(NvJpegLoader)
+        _ShardLoaderBase.__init__(loader, src, B, S, L, device="cpu", **kw)
+        loader.num_threads, loader.prefetch = 2, 3
+        return loader
+
+    monkeypatch.setattr(NvJpegLoader, "_decode", fake_decode)
+    kw = dict(epochs=2, seed=6)
+    ref = list(build_loader(paths, B, S, L, decoder="cpu", num_workers=0, **kw))
+    got = list(make(paths, **kw))
+    assert len(got) == len(ref) == 2 * N // B
+    for g, r in zip(got, ref):
+        assert g["key"] == r["key"] and torch.equal(g["text"], r["text"]) and g["decoder"] == "nvjpeg"
+        assert (g["image"].float() - r["image"].float()).abs().mean() < 1.5
+    a = make(paths, **kw)
+    it = iter(a)
+    next(it), next(it)
+    b = make(paths, **kw)
+    b.load_state_dict(a.state_dict())
+    assert next(iter(b))["key"] == got[2]["key"]
+    # a corrupt image: skipped, counted, its slot filled from the batch
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(paths[0]) as src, tarfile.open(bad, "w") as dst:
+        for m in src:
+            data = src.extractfile(m).read()
+            if m.name == "000000002.jpg":
+                data = b"junk" * 50
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    loader = make(str(bad), epochs=1, shuffle=False, max_corrupt_fraction=1.0)
+    with pytest.warns(RuntimeWarning, match="000000002"):
+        out = next(iter(loader))
+    assert out["image"].shape == (B, 3, S, S) and loader.corrupt_count == 1
+    assert torch.equal(out["image"][2], out["image"][0])

@@ -308,8 +308,9 @@ class NvJpegLoader(_ShardLoaderBase):
             flips.append(fl)
         imgs = augment_gpu([dec[i] for i in ok], self.image_size, boxes, flips)
         if len(ok) < len(dec):  # fill corrupt slots with other samples of the batch
-            row = {i: r for r, i in enumerate(ok)}
-            fill = [row.get(n, n % len(ok)) for n in range(len(dec))]
+            row = {i: r for r, i in enumerate(ok)}  # the k-th bad slot takes the (k mod #ok)-th good sample
+            bad_slots = [n for n in range(len(dec)) if n not in row]
+            fill = [row[n] if n in row else bad_slots.index(n) % len(ok) for n in range(len(dec))]
             imgs = imgs[torch.tensor(fill, device=imgs.device)]
         out = {"image": imgs, "key": hb["key"], "corrupt": bad}
         for k in ("text", "text_padding_mask", "caption"):
