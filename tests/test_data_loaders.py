@@ -375,3 +375,19 @@ def test_nvjpeg_batch_logic_on_cpu(shards, tmp_path, monkeypatch):
         out = next(iter(loader))
     assert out["image"].shape == (B, 3, S, S) and loader.corrupt_count == 1
     assert torch.equal(out["image"][2], out["image"][0])
+
+
+def test_jpeg_components():
+    from m3ae_engine.data.testdata import jpeg_bytes
+    from m3ae_engine.data.transforms import jpeg_components
+    assert jpeg_components(jpeg_bytes(0, mode="RGB")[0]) == 3
+    assert jpeg_components(jpeg_bytes(0, mode="L")[0]) == 1
+    assert jpeg_components(jpeg_bytes(0, mode="CMYK")[0]) == 4
+    from PIL import Image
+    b = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(b, "JPEG", progressive=True)
+    assert jpeg_components(b.getvalue()) == 3
+    b = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(b, "PNG")
+    assert jpeg_components(b.getvalue()) is None
+    assert jpeg_components(b"\xff\xd8\xff" + b"\x00" * 20) is None

@@ -24,7 +24,7 @@ import torch
 
 from .order import RankOrder
 from .sources import DataError, Reader, build_table, expand_sources, read_text_lines
-from .transforms import (RATIO, SCALE, augment_gpu, augment_pil, decode_pil, is_jpeg, normalise,
+from .transforms import (RATIO, SCALE, augment_gpu, augment_pil, decode_pil, jpeg_components, normalise,
                          sample_params)
 
 MAX_WARNINGS = 20
@@ -271,7 +271,8 @@ class NvJpegLoader(_ShardLoaderBase):
     def _decode(self, data: List[bytes], keys, bad):
         from torchvision.io import ImageReadMode, decode_jpeg
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
-        jpeg = [i for i, d in enumerate(data) if is_jpeg(d)]
+        # nvJPEG gets the 1- and 3-component JPEGs; CMYK/YCCK (4), non-JPEG and unparseable go to Pillow
+        jpeg = [i for i, d in enumerate(data) if jpeg_components(d) in (1, 3)]
         out: List[Optional[torch.Tensor]] = [None] * len(data)
         if jpeg:
             try:

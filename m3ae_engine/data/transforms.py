@@ -100,3 +100,28 @@ def normalise(image: torch.Tensor, mean=CC12M_MEAN, std=CC12M_STD, dtype=torch.f
 
 def is_jpeg(data: bytes) -> bool:
     return len(data) > 3 and data[:3] == b"\xff\xd8\xff"
+
+
+def jpeg_components(data: bytes):
+    """Colour components of a baseline/progressive JPEG from its SOF header (1 grey, 3 YCbCr, 4 CMYK/YCCK),
+    None when no frame header is found (not a JPEG, or corrupt). Header parsing only, no decoding."""
+    if not is_jpeg(data):
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg = (data[i + 2] << 8) | data[i + 3]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return data[i + 9] if i + 9 < n else None
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + seg
+    return None
