@@ -391,3 +391,21 @@ def test_jpeg_components():
     Image.new("RGB", (8, 8)).save(b, "PNG")
     assert jpeg_components(b.getvalue()) is None
     assert jpeg_components(b"\xff\xd8\xff" + b"\x00" * 20) is None
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+def test_dali_cpu_matches_pillow_without_crop(tmp_path):
+    """Crop and flip off: DALI (libjpeg-turbo, resize not_smaller + centre crop) ~ Pillow (centre square, resize)."""
+    paths, caps = write_test_shards(str(tmp_path), sizes=((160, 96), (96, 160), (128, 128), (200, 80), (80, 170)))
+    kw = dict(epochs=1, seed=1, random_crop=False, flip=False)
+    ref = {}
+    for b in build_loader(paths, B, 64, L, decoder="cpu", num_workers=0, **kw):
+        ref.update({c: b["image"][i].float() for i, c in enumerate(b["caption"])})
+    diffs = []
+    for b in build_loader(paths, B, 64, L, decoder="dali", device="cpu", num_threads=1, **kw):
+        assert b["image"].shape == (B, 3, 64, 64)
+        diffs += [(b["image"][i].float() - ref[c]).abs().mean().item() for i, c in enumerate(b["caption"])]
+    assert len(diffs) == N and sum(diffs) / N < 2.0 and max(diffs) < 4.0, diffs
+    img = next(iter(build_loader(paths, B, 64, L, decoder="dali", device="cpu", num_threads=1, modality="image",
+                                 normalize=True, **kw)))
+    assert "text" not in img and img["image"].dtype == torch.float32 and img["image"].shape == (B, 3, 64, 64)
