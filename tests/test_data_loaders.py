@@ -308,6 +308,9 @@ def test_model_consumes_batches(shards):
     assert torch.isfinite(out.loss)
     out = model(b["image"])
     assert torch.isfinite(out.loss)
+    t = next(iter(build_loader(paths, 4, cfg.image_size, cfg.text_length, modality="text")))
+    out = model(text=t["text"], text_padding_mask=t["text_padding_mask"])
+    assert torch.isfinite(out.loss)
 
 
 def test_gpu_transform_matches_pillow_on_cpu(shards):
