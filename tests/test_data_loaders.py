@@ -412,3 +412,32 @@ def test_dali_cpu_matches_pillow_without_crop(tmp_path):
     img = next(iter(build_loader(paths, B, 64, L, decoder="dali", device="cpu", num_threads=1, modality="image",
                                  normalize=True, **kw)))
     assert "text" not in img and img["image"].dtype == torch.float32 and img["image"].shape == (B, 3, 64, 64)
+
+
+def test_train_glue(shards, tmp_path):
+    import argparse
+    from m3ae_engine import M3AE, M3AEConfig
+    from m3ae_engine.data import SyntheticBatches, add_data_args, build_from_args, model_inputs
+    paths, _, d = shards
+    cfg = M3AEConfig.from_preset("tiny")
+    p = argparse.ArgumentParser()
+    add_data_args(p)
+    build = lambda argv: build_from_args(p.parse_args(argv), 4, cfg.image_size, cfg.text_length, device="cpu")
+    assert isinstance(build([]), SyntheticBatches)
+    one = build(["--data", os.path.join(d, "*.tar"), "--decoder", "cpu", "--data-workers", "0"])
+    assert isinstance(one, PillowLoader)
+    txt = tmp_path / "t.txt"
+    txt.write_text("a red circle\na blue square\n")
+    mix = build(["--data", paths[0], "--image-data", paths[1], "--text-data", str(txt), "--decoder", "cpu",
+                 "--data-workers", "0", "--mix", "paired=0.5,image=0.25,text=0.25"])
+    assert isinstance(mix, MixedLoader)
+    with pytest.raises(ValueError, match="--mix"):
+        build(["--data", paths[0], "--mix", "paired=1,text=1"])
+    model = M3AE(cfg)
+    seen = set()
+    for _, b in zip(range(8), mix):
+        seen.add(b["modality"])
+        kw = model_inputs(b)
+        assert ("image" in kw) == (b["modality"] != "text") and ("text" in kw) == (b["modality"] != "image")
+        assert torch.isfinite(model(**kw).loss)
+    assert seen == {"paired", "image", "text"}

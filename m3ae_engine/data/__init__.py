@@ -8,4 +8,5 @@ from .synthetic import SyntheticBatches, SyntheticImageText, make_sample  # noqa
 from .sources import DataError, expand_sources  # noqa: F401
 from .loaders import NvJpegLoader, PillowLoader, TextLoader  # noqa: F401
 from .dali import DaliLoader, dali_available  # noqa: F401
-from .loader import MixedLoader, best_decoder, build_loader, mix_schedule, nvjpeg_available  # noqa: F401
+from .loader import (MixedLoader, add_data_args, best_decoder, build_from_args, build_loader,  # noqa: F401
+                     mix_schedule, model_inputs, nvjpeg_available)

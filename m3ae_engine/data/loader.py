@@ -131,3 +131,59 @@ class MixedLoader:
         for k, v in self.loaders.items():
             v.load_state_dict(state["loaders"][k])
         self._iters = {}
+
+
+# ---------------------------------------------------------------------------------------------- train.py glue
+def add_data_args(parser) -> None:
+    """--data / --image-data / --text-data / --mix / --decoder / --data-workers for a training script."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=None, nargs="+",
+                   help="paired WebDataset shards: paths, globs or brace patterns (default: synthetic data)")
+    g.add_argument("--image-data", default=None, nargs="+", help="image-only shards (unpaired)")
+    g.add_argument("--text-data", default=None, nargs="+", help="text-only files (one caption a line) / shards")
+    g.add_argument("--mix", default=None, help="ratios, e.g. paired=0.8,image=0.1,text=0.1")
+    g.add_argument("--decoder", default="auto", choices=DECODERS, help="JPEG decoding (default: best available)")
+    g.add_argument("--data-workers", type=int, default=None, help="CPU workers / threads of the loader")
+
+
+def build_from_args(args, batch_size: int, image_size: int, text_length: int, *, rank: int = 0,
+                    world_size: int = 1, device=None, seed: int = 0):
+    """The training data for parsed `add_data_args` arguments: SyntheticBatches without --data, one
+    loader for paired shards, a MixedLoader when unpaired sources are given."""
+    from .synthetic import SyntheticBatches
+    if not args.data and not args.image_data and not args.text_data:
+        return SyntheticBatches(batch_size, image_size, text_length, seed=seed, rank=rank, world_size=world_size)
+    kw = dict(decoder=args.decoder, rank=rank, world_size=world_size, seed=seed, device=device)
+    if args.data_workers is not None:
+        kw["num_workers"] = kw["num_threads"] = args.data_workers
+    loaders = {}
+    if args.data:
+        loaders["paired"] = build_loader(args.data, batch_size, image_size, text_length, **kw)
+    if args.image_data:
+        loaders["image"] = build_loader(args.image_data, batch_size, image_size, text_length, modality="image", **kw)
+    if args.text_data:
+        loaders["text"] = build_loader(args.text_data, batch_size, image_size, text_length, modality="text", **kw)
+    if len(loaders) == 1 and not args.mix:
+        return next(iter(loaders.values()))
+    if args.mix:
+        try:
+            ratios = {k.strip(): float(v) for k, v in (p.split("=") for p in args.mix.split(","))}
+        except ValueError:
+            raise ValueError(f"--mix must look like paired=0.8,image=0.1,text=0.1, got {args.mix!r}") from None
+    else:
+        ratios = {k: 1.0 for k in loaders}
+    if set(ratios) != set(loaders):
+        raise ValueError(f"--mix names {sorted(ratios)} but the data given is {sorted(loaders)}")
+    return MixedLoader(loaders, ratios, seed=seed)
+
+
+def model_inputs(batch: dict) -> dict:
+    """Keyword arguments for M3AE.forward from any loader's batch (paired, image-only or text-only)."""
+    mod = batch.get("modality", "paired" if "image" in batch and "text" in batch else
+                    "image" if "image" in batch else "text")
+    out = {}
+    if mod in ("paired", "image"):
+        out["image"] = batch["image"]
+    if mod in ("paired", "text"):
+        out["text"], out["text_padding_mask"] = batch["text"], batch["text_padding_mask"]
+    return out
