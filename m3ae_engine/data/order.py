@@ -30,11 +30,12 @@ class RankOrder:
         self._cache = (None, None)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        if self._cache[0] != epoch:
+        cached = self._cache  # one read: safe when reader threads ask for different epochs at once
+        if cached[0] != epoch:
             perm = (np.random.default_rng([self.seed, 3, epoch]).permutation(self.n) if self.shuffle
                     else np.arange(self.n))
-            self._cache = (epoch, perm)
-        return self._cache[1]
+            cached = self._cache = (epoch, perm)
+        return cached[1]
 
     def at(self, pos: int) -> Tuple[int, int]:
         """Position in this rank's stream -> (epoch, sample index)."""
