@@ -1,0 +1,204 @@
+"""DALI pipeline over WebDataset shards: `fn.readers.webdataset` with index files, JPEG decoding on the
+GPU (`device="mixed"`, the hardware decoder where present) or on the CPU (`device_id=None`),
+RandomResizedCrop + flip + (optional) normalisation in DALI, captions read as bytes and tokenised
+in batches on the CPU. Resume is exact through DALI's pipeline checkpointing.
+
+Ranks: DALI splits the sample list into `num_shards` contiguous parts (`shard_id` = rank); each epoch
+every rank reads a different part (`stick_to_shard=False`), so ranks read disjoint samples within an
+epoch and cover the set together. Shuffling is DALI's: a buffer of `shuffle_buffer` samples
+(`initial_fill`) seeded by `seed` (+ rank).
+
+DALI cannot skip a corrupt image mid-batch (the pipeline raises): validate shards offline first
+(`python -m m3ae_engine.data.shards validate`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from ..config import CC12M_MEAN, CC12M_STD
+from .sources import (IMAGE_EXTS, DataError, build_table, expand_sources, index_path_for, read_index,
+                      scan_tar, write_index)
+from .transforms import RATIO, SCALE
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def ensure_indices(paths: List[str], index_dir: Optional[str] = None) -> List[str]:
+    """The wds2idx index of each shard: `<shard>.idx` next to it when present and current, else written
+    (next to the shard when the folder is writable, else into `index_dir` / a temp folder)."""
+    out = []
+    for p in paths:
+        idx = index_path_for(p)
+        if os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(p):
+            read_index(idx, p)  # checks it matches the tar
+            out.append(idx)
+            continue
+        ix = scan_tar(p)
+        if index_dir is None and os.access(os.path.dirname(os.path.abspath(p)), os.W_OK):
+            target = idx
+        else:
+            d = index_dir or os.path.join(tempfile.gettempdir(), "m3ae-dali-index")
+            os.makedirs(d, exist_ok=True)
+            target = os.path.join(d, f"{abs(hash(os.path.abspath(p))):x}-{os.path.basename(idx)}")
+        write_index(ix, target)
+        out.append(target)
+    return out
+
+
+class DaliLoader:
+    decoder = "dali"
+
+    def __init__(self, sources, batch_size: int, image_size: int = 256, text_length: int = 64, *,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 epochs: Optional[int] = None, device="cuda", normalize: bool = False,
+                 random_crop: bool = True, flip: bool = True, scale=SCALE, ratio=RATIO,
+                 modality: str = "paired", tokenizer=None, num_threads: int = 4,
+                 shuffle_buffer: int = 4096, prefetch: int = 2, index_dir: Optional[str] = None,
+                 hw_decoder_load: float = 0.65, **_unused):
+        from ..tokenizer import default_tokenizer
+        if not dali_available():
+            raise RuntimeError("DALI is not installed: pip install nvidia-dali-cuda130 (or -cuda120)")
+        if modality not in ("paired", "image"):
+            raise ValueError(f"modality must be 'paired' or 'image', got {modality!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("DALI on device cuda needs a CUDA GPU (none available); use device='cpu'")
+        self.paths = expand_sources(sources)
+        table = build_table(self.paths, need_image=True, need_text=(modality == "paired"))
+        self.index_paths = ensure_indices(self.paths, index_dir)
+        self.num_samples = len(table)
+        self.batch_size, self.image_size, self.text_length = batch_size, image_size, text_length
+        self.rank, self.world_size, self.seed, self.shuffle, self.epochs = rank, world_size, seed, shuffle, epochs
+        self.normalize, self.random_crop, self.flip = normalize, random_crop, flip
+        self.scale, self.ratio, self.modality = tuple(scale), tuple(ratio), modality
+        self.tokenizer = tokenizer or (default_tokenizer(text_length) if modality == "paired" else None)
+        self.num_threads, self.shuffle_buffer, self.prefetch = num_threads, shuffle_buffer, prefetch
+        self.hw_decoder_load = hw_decoder_load
+        self.per_rank = self.num_samples // world_size
+        if self.per_rank < 1:
+            raise DataError(f"{self.num_samples} samples cannot be split over {world_size} ranks")
+        self.step = 0
+        self._pipe = None
+        self._checkpoint: Optional[str] = None
+        self.corrupt_count = 0
+
+    @property
+    def threads(self) -> int:
+        return self.num_threads
+
+    # ------------------------------------------------------------------ pipeline
+    def _build(self):
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+
+        gpu = self.device.type == "cuda"
+        S = self.image_size
+        exts = [";".join(IMAGE_EXTS)] + (["txt"] if self.modality == "paired" else [])
+        seed = (self.seed * 1_000_003 + self.rank * 7919) % (2 ** 31)
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
+                      device_id=(self.device.index or 0) if gpu else None, seed=seed,
+                      prefetch_queue_depth=self.prefetch, enable_checkpointing=True)
+        def pipe():
+            outs = fn.readers.webdataset(paths=self.paths, index_paths=self.index_paths, ext=exts,
+                                         missing_component_behavior="skip", random_shuffle=self.shuffle,
+                                         initial_fill=self.shuffle_buffer, shard_id=self.rank,
+                                         num_shards=self.world_size, stick_to_shard=False,
+                                         pad_last_batch=False, name="Reader", seed=seed)
+            jpegs = outs[0] if isinstance(outs, (list, tuple)) else outs
+            dev = "mixed" if gpu else "cpu"
+            extra = {"hw_decoder_load": self.hw_decoder_load} if gpu else {}
+            if self.random_crop:
+                img = fn.decoders.image_random_crop(jpegs, device=dev, output_type=types.RGB,
+                                                    random_area=list(self.scale),
+                                                    random_aspect_ratio=list(self.ratio), num_attempts=10,
+                                                    **extra)
+                img = fn.resize(img, size=[S, S], interp_type=types.INTERP_CUBIC, antialias=True)
+            else:
+                img = fn.decoders.image(jpegs, device=dev, output_type=types.RGB, **extra)
+                img = fn.resize(img, size=[S, S], mode="not_smaller", interp_type=types.INTERP_CUBIC,
+                                antialias=True)
+            mirror = fn.random.coin_flip(probability=0.5) if self.flip else 0
+            if self.normalize:
+                img = fn.crop_mirror_normalize(img, crop=[S, S], mirror=mirror, output_layout="CHW",
+                                               dtype=types.FLOAT, mean=[m * 255 for m in CC12M_MEAN],
+                                               std=[s * 255 for s in CC12M_STD])
+            else:
+                img = fn.crop_mirror_normalize(img, crop=[S, S], mirror=mirror, output_layout="CHW",
+                                               dtype=types.UINT8)
+            if self.modality == "paired":
+                return img, outs[1]
+            return img
+
+        kw = {"checkpoint": self._checkpoint} if self._checkpoint else {}
+        p = pipe(**kw)
+        p.build()
+        return p
+
+    def _to_torch(self, tl) -> torch.Tensor:
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            t = tl.as_tensor()
+            dtype = torch.float32 if self.normalize else torch.uint8
+            out = torch.empty(tuple(t.shape()), dtype=dtype, device=self.device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+            return out
+        return torch.from_numpy(np.array(tl.as_tensor()))
+
+    # ------------------------------------------------------------------ iteration
+    def _end_step(self) -> Optional[int]:
+        return None if self.epochs is None else (self.epochs * self.per_rank) // self.batch_size
+
+    @property
+    def epoch(self) -> int:
+        return (self.step * self.batch_size) // self.per_rank
+
+    def __len__(self):
+        n = self._end_step()
+        if n is None:
+            raise TypeError("endless loader (epochs=None) has no length")
+        return n
+
+    def __iter__(self) -> Iterator[Dict]:
+        if self._pipe is None:
+            self._pipe = self._build()
+        end = self._end_step()
+        while end is None or self.step < end:
+            outs = self._pipe.run()
+            img = self._to_torch(outs[0])
+            batch = {"image": img, "decoder": self.decoder}
+            if self.modality == "paired":
+                tl = outs[1]
+                caps = [bytes(np.array(tl[i])).decode("utf-8", errors="replace").strip() for i in range(len(tl))]
+                batch["text"], batch["text_padding_mask"] = self.tokenizer.encode_batch(caps)
+                batch["caption"] = caps
+            self.step += 1
+            yield batch
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        cp = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
+        return {"step": self.step, "dali_checkpoint": cp, "batch_size": self.batch_size, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("batch_size", "seed", "world_size", "num_samples"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}")
+        self.step = int(state["step"])
+        self._checkpoint = state.get("dali_checkpoint")
+        self._pipe = None
