@@ -7,3 +7,4 @@ function with the signature of the engine op in m3ae_engine.reference.
 from .gather import gather  # noqa: F401
 from .unshuffle import unshuffle  # noqa: F401
 from .masked_mse import masked_mse  # noqa: F401
+from .masked_linear_cross_entropy import masked_linear_cross_entropy  # noqa: F401
