@@ -91,9 +91,9 @@ def _forward(hidden, weight, bias, targets, row_weight, need_h, need_w, need_b, 
     write_grad = need_h or need_w or need_b
     c = _chunk_rows(n, v, chunk_rows)
     rows_per_prog = max(1, min(64, triton.next_power_of_2(c))) if interpreting() else 1
-    block_v = min(triton.next_power_of_2(max(v, 1)), 1024 if interpreting() else 4096 if hidden.dtype == torch.float32 else 8192)
-    if interpreting():
-        block_v = min(triton.next_power_of_2(max(v, 1)), max(16, (1 << 15) // rows_per_prog))
+    # one row per program on a GPU (the V-long row is the unit of work, as Liger); a 4K-wide V block
+    # over 8 warps keeps 16 values a thread in registers
+    block_v = min(triton.next_power_of_2(max(v, 1)), max(16, (1 << 15) // rows_per_prog) if interpreting() else 4096)
     w_t = weight.t()  # [D, V] view
     for s in range(0, n, c):
         e = min(n, s + c)
@@ -101,7 +101,7 @@ def _forward(hidden, weight, bias, targets, row_weight, need_h, need_w, need_b, 
         logits = torch.addmm(bias.to(h.dtype), h, w_t) if bias is not None else torch.mm(h, w_t)  # [c, V]
         _ce_chunk_kernel[(triton.cdiv(e - s, rows_per_prog),)](
             logits, targets[s:e], row_weight[s:e], loss_rows[s:e], correct_rows[s:e], e - s, v, logits.stride(0),
-            WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v)
+            WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v, num_warps=8)
         if need_h:
             torch.mm(logits, weight, out=grad_hidden[s:e])  # [c, D]
         if need_w:
@@ -110,7 +110,7 @@ def _forward(hidden, weight, bias, targets, row_weight, need_h, need_w, need_b, 
             else:
                 gw_acc += torch.mm(logits.t(), h)  # [V, D]
         if need_b:
-            gb_acc += logits.float().sum(0)
+            gb_acc += torch.sum(logits, 0, dtype=torch.float32)
     grad_weight = gw_acc.to(weight.dtype) if need_w else weight.new_empty(0)
     grad_bias = gb_acc.to(bias.dtype) if need_b else weight.new_empty(0)
     return loss_rows.sum(), correct_rows.sum(), grad_hidden, grad_weight, grad_bias
