@@ -32,7 +32,8 @@ def reduce_rows_per_program(rows: int, block_r: int) -> int:
     """Rows one program reduces into a partial sum: the partials stay few, the grid stays wide."""
     if interpreting():
         return max(block_r, triton.next_power_of_2(max(rows, 1)))
-    return max(block_r, 1024)
+    # ~1024 programs: several waves over 100+ SMs; the [P, ..., D] fp32 partials stay a few MB
+    return max(block_r, min(1024, triton.next_power_of_2(triton.cdiv(max(rows, 1), 1024))))
 
 
 def check(cond: bool, msg: str) -> None:
