@@ -120,11 +120,12 @@ def test_compile_fullgraph_step_equals_eager():
     grads_e = torch.autograd.grad(loss_e, leaves)
     loss_t, _ = _step(*params, imgs, text_ids, plan, "torch")
     grads_t = torch.autograd.grad(loss_t, leaves)
-    torch.testing.assert_close(loss_c, loss_e)
+    # compiled glue (tanh, matmul) may round differently from eager by an ulp or so
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(acc_c, acc_e)
     torch.testing.assert_close(loss_c, loss_t, rtol=1e-5, atol=1e-6)
     for a, e, t in zip(grads_c, grads_e, grads_t):
-        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-6)
 
 
@@ -152,5 +153,7 @@ def test_model_triton_equals_torch_gpu_base(mode):
     out_r, g_r = _run(ref, image, text, pad, seed=2)
     out_f, g_f = _run(fast, image, text, pad, seed=2)
     torch.testing.assert_close(out_f.loss, out_r.loss, rtol=1e-4, atol=1e-5)
-    for name in g_r:
-        torch.testing.assert_close(g_f[name], g_r[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+    assert g_f.keys() == g_r.keys()
+    for name in g_r:  # relative to the gradient's norm: GPU attention backward is not bit-deterministic
+        err = (g_f[name] - g_r[name]).norm().item()
+        assert err <= 1e-4 * g_r[name].norm().item() + 1e-8, f"grad {name}: |diff| {err:.3g}"
