@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from triton_helpers import DEVICE, close, poisoned_empty, text_padding
+from triton_helpers import DEVICE, close, gpu_launch_config, poisoned_empty, text_padding
 
 from m3ae_engine import ops, reference
 from m3ae_engine.masking import build_plan
@@ -101,6 +101,12 @@ def test_random_masking_dropin_matches_torch():
         torch.testing.assert_close(u, w)
     g = torch.randn(a[0].shape, generator=gen).to(DEVICE)
     torch.testing.assert_close(torch.autograd.grad(a[0], x, g)[0], torch.autograd.grad(b[0], x, g)[0])
+
+
+def test_gather_gpu_launch_config():
+    plan, img, txt, cls, gen = _inputs(3, 9, 7, 600, torch.float32, True, seed=7)  # 4 rows a program
+    with gpu_launch_config():
+        _compare(plan, img, txt, cls, torch.float32, gen)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from triton_helpers import DEVICE, close, poisoned_empty
+from triton_helpers import DEVICE, close, gpu_launch_config, poisoned_empty
 
 from m3ae_engine import ops, reference
 from m3ae_engine.kernels.masked_linear_cross_entropy import linear_cross_entropy_op, masked_linear_cross_entropy
@@ -109,6 +109,13 @@ def test_official_text_loss_dropin_matches_torch():
         close(x, z)
     for x, y in zip(torch.autograd.grad(a[0], (h, w, b)), torch.autograd.grad(official[0], (h, w, b))):
         close(x, y)
+
+
+def test_lce_gpu_launch_config():
+    # one row a program and 4096-wide V blocks (V > 4096: several blocks a row, a partial last one)
+    h, w, b, t, rw, _ = _case(5, 8, 4100, torch.float32, seed=7)
+    with gpu_launch_config():
+        _compare(h, w, b, t, rw, torch.float32, chunk_rows=3)
 
 
 @pytest.mark.gpu

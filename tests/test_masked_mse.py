@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from triton_helpers import DEVICE, close, poisoned_empty
+from triton_helpers import DEVICE, close, gpu_launch_config, poisoned_empty
 
 from m3ae_engine import ops, reference
 from m3ae_engine.config import CC12M_MEAN, CC12M_STD
@@ -103,6 +103,12 @@ def test_masked_mse_loss_dropin_matches_torch(norm_pix):
     close(a, b)
     close(a, mae)
     close(torch.autograd.grad(a, pred)[0], torch.autograd.grad(mae, pred)[0])
+
+
+def test_masked_mse_gpu_launch_config():
+    plan, imgs, pred, _ = _case(2, 12, 4, 3, torch.float32, "uint8", seed=7)
+    with gpu_launch_config():
+        _compare(plan, imgs, pred, 4, True, torch.float32, CC12M_MEAN, CC12M_STD)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from triton_helpers import DEVICE, close, poisoned_empty, text_padding
+from triton_helpers import DEVICE, close, gpu_launch_config, poisoned_empty, text_padding
 
 from m3ae_engine import ops, reference
 from m3ae_engine.masking import build_plan
@@ -91,6 +91,12 @@ def test_unshuffle_mae_dropin_matches_torch(cls_first):
     g = torch.randn(a.shape, generator=gen).to(DEVICE)
     for u, v in zip(torch.autograd.grad(a, (x, mask_token), g), torch.autograd.grad(mae, (x, mask_token), g)):
         torch.testing.assert_close(u, v)
+
+
+def test_unshuffle_gpu_launch_config():
+    plan, vis, mt, te, pos, gen = _case(3, 9, 7, 600, torch.float32, True, seed=7)  # 4 rows a program
+    with gpu_launch_config():
+        _compare(plan, vis, mt, te, pos, torch.float32, gen)
 
 
 @pytest.mark.gpu

@@ -46,3 +46,20 @@ def text_padding(b: int, lt: int, gen: torch.Generator) -> torch.Tensor:
     if b >= 3:
         lengths[0], lengths[1] = 0, lt
     return (torch.arange(lt)[None, :] >= lengths[:, None]).float()
+
+
+@contextlib.contextmanager
+def gpu_launch_config():
+    """Run the kernels with the launch shapes they use on a GPU (few rows a program, wide V blocks,
+    multi-program reductions) while still in the interpreter, so those code paths are tested on CPU."""
+    import importlib
+    mods = [importlib.import_module(f"m3ae_engine.kernels.{m}")
+            for m in ("_common", "masked_mse", "masked_linear_cross_entropy")]
+    saved = [m.interpreting for m in mods]
+    for m in mods:
+        m.interpreting = lambda: False
+    try:
+        yield
+    finally:
+        for m, f in zip(mods, saved):
+            m.interpreting = f
