@@ -121,3 +121,12 @@ def test_gather_gpu_large(dtype):
     txt = torch.randn(b, lt, d, generator=gen).to("cuda", dtype).requires_grad_()
     cls = torch.randn(d, generator=gen).to("cuda", dtype).requires_grad_()
     _compare(plan, img, txt, cls, dtype, gen)
+
+
+def test_gather_backward_opcheck_and_device_error():
+    from m3ae_engine.kernels.gather import gather_backward_op
+    plan, img, txt, cls, gen = _inputs(2, 4, 5, 6, torch.float32, True, seed=8)
+    g = torch.randn(plan.enc.rows, 6, generator=gen).to(DEVICE)
+    torch.library.opcheck(gather_backward_op, (g, plan.enc_row_source, plan.image_row_of, plan.text_row_of, True))
+    with pytest.raises(ValueError, match="row_source is on meta"):
+        gather(img, txt, cls, plan.enc_row_source.to("meta"))

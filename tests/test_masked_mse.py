@@ -118,3 +118,11 @@ def test_masked_mse_gpu_large(dtype, norm_pix):
     # B=256 images of 256 px, patch 16, 75% masked (M = 256 * 192 rows of 768)
     plan, imgs, pred, _ = _case(256, 256, 16, 3, dtype, "uint8", seed=6)
     _compare(plan, imgs, pred, 16, norm_pix, dtype, CC12M_MEAN, CC12M_STD)
+
+
+def test_masked_mse_backward_opcheck():
+    from m3ae_engine.kernels.masked_mse import masked_mse_backward_op
+    plan, imgs, pred, _ = _case(2, 8, 4, 3, torch.float32, "uint8", seed=8)
+    stats = torch.tensor([CC12M_MEAN, CC12M_STD], device=DEVICE)
+    torch.library.opcheck(masked_mse_backward_op, (torch.tensor(0.5, device=DEVICE), pred.detach(), imgs,
+                                                   plan.image_patch_index, plan.image_row_weight, stats, 4, False))

@@ -105,3 +105,12 @@ def test_unshuffle_gpu_large(dtype):
     # M3AE-large decoder input: B=256, Dd=512, Li=256 (Ki=64), Lt=64 (Kt=16)
     plan, vis, mt, te, pos, gen = _case(256, 256, 64, 512, dtype, True, seed=6)
     _compare(plan, vis, mt, te, pos, dtype, gen)
+
+
+def test_unshuffle_backward_opcheck():
+    from m3ae_engine.kernels.unshuffle import unshuffle_backward_op
+    plan, vis, mt, te, pos, gen = _case(2, 4, 5, 6, torch.float32, True, seed=8)
+    g = torch.randn(plan.dec.rows, 6, generator=gen).to(DEVICE)
+    for need_mask, need_type in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(unshuffle_backward_op, (g, plan.dec_row_visible, plan.dec_row_kind,
+                                                      plan.dec_row_of_visible, need_mask, need_type))
