@@ -25,7 +25,7 @@ def _register_source_kernels() -> None:
             return importlib.util.spec_from_file_location(name, src, submodule_search_locations=[str(src.parent)])
 
     if not any(type(f).__name__ == "_SourceKernelsFinder" for f in sys.meta_path):
-        sys.meta_path.append(_SourceKernelsFinder())
+        sys.meta_path.insert(0, _SourceKernelsFinder())  # the checkout being run wins over an editable install of another tree
 
 
 _register_source_kernels()

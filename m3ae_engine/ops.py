@@ -103,6 +103,7 @@ def available_backends() -> Dict[str, str]:
     return out
 
 
+@torch.compiler.assume_constant_result  # dynamo must not trace the lazy backend import below
 def resolve_backend(backend: Optional[str] = None, device: Optional[torch.device] = None) -> str:
     """The backend name a call uses (argument, then M3AE_KERNELS, then the fastest available)."""
     choice = backend or os.environ.get("M3AE_KERNELS") or "auto"
