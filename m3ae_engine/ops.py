@@ -152,8 +152,19 @@ def masked_mse(pred, imgs, patch_index, row_weight, patch_size, norm_pix_loss=Fa
 
 
 def linear_cross_entropy(hidden, weight, bias, targets, row_weight, backend=None):
-    """(weighted CE sum, weighted accuracy sum) of a linear head on selected rows."""
-    return get_backend(backend, hidden.device).linear_cross_entropy(hidden, weight, bias, targets, row_weight)
+    """(weighted CE sum, weighted accuracy sum) of a linear head on selected rows.
+
+    Under autocast the matmul operands are cast to the autocast dtype here (as F.linear would) and the
+    op runs with autocast off, so fused backends see one consistent dtype and keep their fp32 buffers.
+    """
+    impl = get_backend(backend, hidden.device)
+    dev_type = hidden.device.type
+    if torch.is_autocast_enabled(dev_type) if hasattr(torch, "is_autocast_enabled") else False:
+        dtype = torch.get_autocast_dtype(dev_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        with torch.autocast(dev_type, enabled=False):
+            return impl.linear_cross_entropy(hidden, weight, bias, targets, row_weight)
+    return impl.linear_cross_entropy(hidden, weight, bias, targets, row_weight)
 
 
 # ----------------------------------------------------------------------------------------------

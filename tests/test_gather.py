@@ -32,9 +32,15 @@ def _compare(plan, img, txt, cls, dtype, gen, pass_inverse=True):
     leaves = [x for x in (img, txt, cls) if x is not None]
     with poisoned_empty():
         got = torch.autograd.grad(out, leaves, g)
-    want = torch.autograd.grad(ref, leaves, g)
-    for a, b_ in zip(got, want):
-        assert a.dtype == b_.dtype
+    # the oracle accumulates in fp32 (the torch reference's bf16 index_put accumulation is itself
+    # off by more than the tolerance when 256 CLS rows are summed)
+    leaves32 = [x.detach().float().requires_grad_() for x in leaves]
+    it = iter(leaves32)
+    args32 = [next(it) if x is not None else None for x in (img, txt, cls)]
+    ref32 = reference.gather(*args32, plan.enc_row_source)
+    want = torch.autograd.grad(ref32, leaves32, g.float())
+    for a, b_, leaf in zip(got, want, leaves):
+        assert a.dtype == leaf.dtype
         close(a, b_, dtype, what="grad")
 
 
