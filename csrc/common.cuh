@@ -55,16 +55,28 @@ inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaSt
 template <typename T>
 inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
 
-// Make `device` current for this thread (torch may have another one current) and return its SM count.
-inline int prepare_device(const char* op, int device) {
-  M3AE_CUDA_CHECK(op, cudaSetDevice(device));
-  static int cached[64] = {0};
-  if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
-  int sms = 0;
-  M3AE_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cached[device] = sms;
-  return sms;
-}
+// Makes `device` current for the scope of one entry point (torch may have another one current)
+// and restores the previous device on exit; `sms` = the device's multiprocessor count.
+struct DeviceScope {
+  int prev = -1, sms = 0;
+  DeviceScope(const char* op, int device) {
+    M3AE_CUDA_CHECK(op, cudaGetDevice(&prev));
+    if (prev != device) M3AE_CUDA_CHECK(op, cudaSetDevice(device));
+    static int cached[64] = {0};
+    if (device >= 0 && device < 64 && cached[device] > 0) {
+      sms = cached[device];
+    } else {
+      M3AE_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      if (device >= 0 && device < 64) cached[device] = sms;
+    }
+  }
+  ~DeviceScope() {
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev && prev >= 0) cudaSetDevice(prev);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+};
 
 inline bool aligned16(std::uintptr_t p) { return (p & 15u) == 0; }
 

@@ -45,7 +45,8 @@ void gather_forward(ptr_t out, ptr_t image, long long image_stride, long long n_
   const char* op = "gather_forward";
   M3AE_CHECK(op, out != 0 && row_source != 0, "out and row_source are required");
   M3AE_CHECK(op, D > 0 && rows >= 0, "bad shape");
-  const int sms = prepare_device(op, device);
+  DeviceScope scope(op, device);
+  const int sms = scope.sms;
   M3AE_DISPATCH_FLOAT(op, dtype, {
     constexpr int NV = VecT<scalar_t>::N;
     const bool vec_ok = aligned16(out) && aligned16(image) && aligned16(text) && aligned16(cls) &&
@@ -65,7 +66,8 @@ void gather_backward(ptr_t grad, long long rows, int D, ptr_t row_source, ptr_t 
   M3AE_CHECK(op, grad_image == 0 || image_row_of != 0, "grad_image needs image_row_of");
   M3AE_CHECK(op, grad_text == 0 || text_row_of != 0, "grad_text needs text_row_of");
   M3AE_CHECK(op, grad_cls == 0 || workspace != 0, "grad_cls needs a workspace");
-  const int sms = prepare_device(op, device);
+  DeviceScope scope(op, device);
+  const int sms = scope.sms;
   cudaStream_t st = as_stream(stream);
   M3AE_DISPATCH_FLOAT(op, dtype, {
     constexpr int NV = VecT<scalar_t>::N;

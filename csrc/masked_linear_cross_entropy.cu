@@ -152,7 +152,8 @@ void lce_softmax(ptr_t logits, long long ld, int dtype, ptr_t bias, ptr_t target
              "missing pointer");
   M3AE_CHECK(op, V > 0 && ld >= V && n >= 0, "bad shape");
   if (n == 0) return;
-  const int sms = prepare_device(op, device);
+  DeviceScope scope(op, device);
+  const int sms = scope.sms;
   const int grid = persistent_blocks(n, 1, sms, 4);
   cudaStream_t st = as_stream(stream);
   M3AE_DISPATCH_FLOAT(op, dtype, {

@@ -127,8 +127,8 @@ __global__ void __launch_bounds__(1024) sum_kernel(const float* __restrict__ x, 
 template <int MODE>
 void run(const char* op, ptr_t pred, long long pred_stride, int pred_dtype, ptr_t imgs, int img_dtype, int B, int C,
          int H, int W, int patch, ptr_t patch_index, ptr_t row_weight, long long rows, bool norm_pix,
-         const std::vector<float>& mean, const std::vector<float>& std_, ptr_t row_loss, ptr_t grad_pred,
-         ptr_t grad_loss, int device, ptr_t stream) {
+         const std::vector<float>& mean, const std::vector<float>& std_, ptr_t row_loss, ptr_t loss,
+         ptr_t grad_pred, ptr_t grad_loss, int device, ptr_t stream) {
   M3AE_CHECK(op, pred != 0 && imgs != 0 && patch_index != 0 && row_weight != 0, "missing input pointer");
   M3AE_CHECK(op, B > 0 && C > 0 && C <= kMaxChannels && patch > 0 && H % patch == 0 && W % patch == 0,
              "bad image geometry");
@@ -142,10 +142,14 @@ void run(const char* op, ptr_t pred, long long pred_stride, int pred_dtype, ptr_
     }
   }
   PatchGeom g{C, H, W, patch, W / patch, (H / patch) * (W / patch), patch * patch * C, patch * patch};
-  const int sms = prepare_device(op, device);
-  if (rows <= 0) return;
-  const int grid = persistent_blocks(rows, kThreads / 32, sms, 8);
+  DeviceScope scope(op, device);
+  const int sms = scope.sms;
   cudaStream_t st = as_stream(stream);
+  if (MODE == 0) {  // zero rows: the loss is 0 (written by the sum below)
+    M3AE_CHECK(op, loss != 0 && (row_loss != 0 || rows == 0), "row_loss and loss are required");
+  }
+  if (rows > 0) {
+  const int grid = persistent_blocks(rows, kThreads / 32, sms, 8);
   M3AE_DISPATCH_FLOAT(op, pred_dtype, {
     using T = scalar_t;
     auto launch = [&](auto img_tag) {
@@ -164,6 +168,11 @@ void run(const char* op, ptr_t pred, long long pred_stride, int pred_dtype, ptr_
       default: throw OpError(std::string("m3ae_engine._C.") + op + ": unsupported image dtype " + dtype_name(img_dtype));
     }
   });
+  }
+  if (MODE == 0) {
+    sum_kernel<<<1, 1024, 0, st>>>(as_ptr<const float>(row_loss), rows, as_ptr<float>(loss));
+    M3AE_LAUNCH_CHECK(op);
+  }
 }
 
 }  // namespace
@@ -173,11 +182,8 @@ void masked_mse_forward(ptr_t pred, long long pred_stride, int pred_dtype, ptr_t
                         bool norm_pix, const std::vector<float>& mean, const std::vector<float>& std_,
                         ptr_t row_loss, ptr_t loss, int device, ptr_t stream) {
   const char* op = "masked_mse_forward";
-  M3AE_CHECK(op, loss != 0 && (row_loss != 0 || rows == 0), "row_loss and loss are required");
   run<0>(op, pred, pred_stride, pred_dtype, imgs, img_dtype, B, C, H, W, patch, patch_index, row_weight, rows,
-         norm_pix, mean, std_, row_loss, 0, 0, device, stream);
-  sum_kernel<<<1, 1024, 0, as_stream(stream)>>>(as_ptr<const float>(row_loss), rows, as_ptr<float>(loss));
-  M3AE_LAUNCH_CHECK(op);
+         norm_pix, mean, std_, row_loss, loss, 0, 0, device, stream);
 }
 
 void masked_mse_backward(ptr_t grad_pred, ptr_t pred, long long pred_stride, int pred_dtype, ptr_t imgs,
@@ -187,7 +193,7 @@ void masked_mse_backward(ptr_t grad_pred, ptr_t pred, long long pred_stride, int
   const char* op = "masked_mse_backward";
   M3AE_CHECK(op, grad_pred != 0 && grad_loss != 0, "grad_pred and grad_loss are required");
   run<1>(op, pred, pred_stride, pred_dtype, imgs, img_dtype, B, C, H, W, patch, patch_index, row_weight, rows,
-         norm_pix, mean, std_, 0, grad_pred, grad_loss, device, stream);
+         norm_pix, mean, std_, 0, 0, grad_pred, grad_loss, device, stream);
 }
 
 }  // namespace m3ae

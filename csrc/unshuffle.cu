@@ -114,7 +114,8 @@ void unshuffle_forward(ptr_t out, ptr_t visible, long long visible_stride, long 
   M3AE_CHECK(op, pos_table == 0 || n_pos > 0, "empty position table");
   M3AE_CHECK(op, D > 0 && rows >= 0, "bad shape");
   if (rows == 0) return;
-  const int sms = prepare_device(op, device);
+  DeviceScope scope(op, device);
+  const int sms = scope.sms;
   M3AE_DISPATCH_FLOAT(op, dtype, {
     constexpr int NV = VecT<scalar_t>::N;
     const bool vec_ok = D % NV == 0 && aligned16(out) && aligned16(visible) && visible_stride % NV == 0 &&
@@ -142,7 +143,8 @@ void unshuffle_backward(ptr_t grad, long long rows, int D, ptr_t row_visible, pt
   M3AE_CHECK(op, grad != 0 && row_visible != 0 && row_kind != 0, "grad and the row maps are required");
   M3AE_CHECK(op, grad_visible == 0 || row_of_visible != 0, "grad_visible needs row_of_visible");
   M3AE_CHECK(op, (grad_mask == 0 && grad_type == 0) || workspace != 0, "parameter grads need a workspace");
-  const int sms = prepare_device(op, device);
+  DeviceScope scope(op, device);
+  const int sms = scope.sms;
   cudaStream_t st = as_stream(stream);
   M3AE_DISPATCH_FLOAT(op, dtype, {
     constexpr int NV = VecT<scalar_t>::N;
