@@ -116,6 +116,12 @@ __device__ __forceinline__ VecT<T> load_vec(const T* p) {  // p 16-byte aligned
   return r;
 }
 template <typename T>
+__device__ __forceinline__ VecT<T> load_vec_rw(const T* p) {  // memory the same kernel also writes: no .nc
+  VecT<T> r;
+  r.raw = *reinterpret_cast<const uint4*>(p);
+  return r;
+}
+template <typename T>
 __device__ __forceinline__ VecT<T> load_vec_stream(const T* p) {  // read once: do not keep in L1
   VecT<T> r;
   r.raw = __ldcs(reinterpret_cast<const uint4*>(p));

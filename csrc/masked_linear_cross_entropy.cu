@@ -61,7 +61,7 @@ __device__ __forceinline__ MaxSum warp_combine(MaxSum a) {
 // Calls f(v, x) for every column v of the row (x = logit + bias, fp32), each thread visiting its
 // columns in increasing order: scalar head up to 16-byte alignment, vector body, scalar tail.
 template <typename T, bool VEC, typename F>
-__device__ __forceinline__ void for_each_col(const T* __restrict__ row, const float* __restrict__ bias, long long V,
+__device__ __forceinline__ void for_each_col(const T* row, const float* __restrict__ bias, long long V,
                                              F&& f) {
   constexpr int N = VecT<T>::N;
   long long head = 0, nvec = 0;
@@ -80,7 +80,7 @@ __device__ __forceinline__ void for_each_col(const T* __restrict__ row, const fl
 #pragma unroll
       for (int u = 0; u < kILP; ++u) {
         const long long k = k0 + static_cast<long long>(u) * blockDim.x;
-        if (k < nvec) x[u] = load_vec(body + k * N);
+        if (k < nvec) x[u] = load_vec_rw(body + k * N);
       }
 #pragma unroll
       for (int u = 0; u < kILP; ++u) {
@@ -96,6 +96,48 @@ __device__ __forceinline__ void for_each_col(const T* __restrict__ row, const fl
     }
     for (long long v = head + nvec * N + threadIdx.x; v < V; v += blockDim.x)
       f(v, to_float(row[v]) + (bias ? __ldg(bias + v) : 0.f));
+  }
+}
+
+// Overwrites each column v of the row with g(v, logit + bias): same head/body/tail split as
+// for_each_col (each element is read and written by one thread), vector stores in the body.
+template <typename T, bool VEC, typename G>
+__device__ __forceinline__ void write_grad_row(T* __restrict__ row, const float* __restrict__ bias, long long V,
+                                               G&& g) {
+  constexpr int N = VecT<T>::N;
+  long long head = V, nvec = 0;
+  if (VEC) {
+    head = ((16 - (reinterpret_cast<std::uintptr_t>(row) & 15)) & 15) / sizeof(T);
+    if (head > V) head = V;
+    nvec = (V - head) / N;
+  }
+  for (long long v = threadIdx.x; v < head; v += blockDim.x)
+    row[v] = from_float<T>(g(v, to_float(row[v]) + (bias ? __ldg(bias + v) : 0.f)));
+  if (VEC) {
+    T* body = row + head;
+    for (long long k0 = threadIdx.x; k0 < nvec; k0 += static_cast<long long>(blockDim.x) * kILP) {
+      VecT<T> x[kILP];
+#pragma unroll
+      for (int u = 0; u < kILP; ++u) {
+        const long long k = k0 + static_cast<long long>(u) * blockDim.x;
+        if (k < nvec) x[u] = load_vec_rw(body + k * N);
+      }
+#pragma unroll
+      for (int u = 0; u < kILP; ++u) {
+        const long long k = k0 + static_cast<long long>(u) * blockDim.x;
+        if (k < nvec) {
+          VecT<T> y;
+#pragma unroll
+          for (int i = 0; i < N; ++i) {
+            const long long v = head + k * N + i;
+            y.v[i] = from_float<T>(g(v, to_float(x[u].v[i]) + (bias ? __ldg(bias + v) : 0.f)));
+          }
+          store_vec(body + k * N, y);
+        }
+      }
+    }
+    for (long long v = head + nvec * N + threadIdx.x; v < V; v += blockDim.x)
+      row[v] = from_float<T>(g(v, to_float(row[v]) + (bias ? __ldg(bias + v) : 0.f)));
   }
 }
 
@@ -133,12 +175,12 @@ __global__ void __launch_bounds__(kThreads) lce_softmax_kernel(T* __restrict__ l
     }
     __syncthreads();
     if (write_grad) {
+      // every element of the row is written (zeros for zero-weight rows), 16-byte stores in the body
       const float lse = s_lse;
-      // every element of the row is written (zeros for zero-weight rows)
-      for_each_col<T, VEC>(row, bias, V, [&](long long v, float x) {
-        const float p = w == 0.f ? 0.f : w * __expf(x - lse) - (v == t ? w : 0.f);
-        row[v] = from_float<T>(p);
-      });
+      auto grad_of = [&](long long v, float x) {
+        return w == 0.f ? 0.f : w * __expf(x - lse) - (v == t ? w : 0.f);
+      };
+      write_grad_row<T, VEC>(row, bias, V, grad_of);
     }
   }
 }
