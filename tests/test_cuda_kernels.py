@@ -200,7 +200,7 @@ def test_unshuffle(cuda_backend, size, dtype, with_types, with_pos, with_map):
     tb = _triton()
     if tb is not None:
         tout, tgrads, _ = _unshuffle_case(tb, size, dtype, with_types, with_pos, with_map)
-        assert torch.equal(out, tout)
+        assert_close(out, tout, dtype, "unshuffle vs triton")
         for a, b_ in zip(grads, tgrads):
             assert_close(a, b_, torch.float32, "unshuffle grads vs triton", dict(rtol=1e-4, atol=1e-5))
 
@@ -332,9 +332,9 @@ def test_linear_cross_entropy(cuda_backend, case, dtype, with_bias, monkeypatch)
     rloss, racc = reference.masked_linear_cross_entropy(h, w, b, t, rw)
     rgrads = torch.autograd.grad(rloss * 2.0, inputs)
     assert loss.dtype == torch.float32 and acc.dtype == torch.float32
-    torch.testing.assert_close(loss, rloss.detach(), rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-6)
+    torch.testing.assert_close(loss, rloss.detach(), rtol=1e-5 if dtype == torch.float32 else 5e-3, atol=1e-6)
     # accuracy: argmax may flip on near-ties where the logits are rounded differently
-    slack = (rw.max() * (1 if dtype == torch.float32 else max(2, n // 50))).item() + 1e-7
+    slack = (rw.max() * (3 if dtype == torch.float32 else max(3, n // 50))).item() + 1e-7
     assert abs(acc.item() - racc.item()) <= slack, (acc.item(), racc.item())
     for a, r_ in zip(grads, rgrads):
         assert a.dtype == r_.dtype and a.shape == r_.shape
