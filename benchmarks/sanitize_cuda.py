@@ -130,6 +130,7 @@ def main() -> int:
         print(f"CUDA backend unavailable: {status}")
         return 2
     be = ops.get_backend("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons at full precision
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     for dtype in (torch.float32, torch.bfloat16):

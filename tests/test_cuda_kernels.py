@@ -21,6 +21,15 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e
 REL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # norm-relative error bounds for reductions
 
 
+@pytest.fixture(autouse=True)
+def _full_fp32_matmuls():
+    """fp32 references and kernels must not silently use TF32 (another module may enable it)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.fixture(scope="module")
 def cuda_backend():
     status = ops.available_backends()["cuda"]
