@@ -80,8 +80,8 @@ def run_unshuffle(be, d, dtype):
         check(f"{tag} {n}", a, b, 1e-4, 1e-5)
 
 
-def run_mse(be, dtype, img_dtype, norm_pix):
-    b, c, h, w, p = 2, 3, 12, 8, 4
+def run_mse(be, dtype, img_dtype, norm_pix, p=4):
+    b, c, h, w = 2, 3, 3 * p, 2 * p
     l = (h // p) * (w // p)
     if img_dtype == torch.uint8:
         imgs = torch.randint(0, 256, (b, c, h, w), device=DEV, dtype=torch.uint8)
@@ -94,7 +94,7 @@ def run_mse(be, dtype, img_dtype, norm_pix):
     pred = torch.randn(5, p * p * c, device=DEV, dtype=dtype, requires_grad=True)
     loss = be.masked_mse(pred, imgs, idx, wgt, p, norm_pix, mean, std)
     ref = reference.masked_mse(pred, imgs, idx, wgt, p, norm_pix, mean, std)
-    tag = f"masked_mse {str(dtype)[6:]} img={str(img_dtype)[6:]} norm={int(norm_pix)}"
+    tag = f"masked_mse p={p} {str(dtype)[6:]} img={str(img_dtype)[6:]} norm={int(norm_pix)}"
     check(tag + " fwd", loss, ref, 1e-4, 1e-6)
     check(tag + " grad_pred", torch.autograd.grad(loss, pred)[0], torch.autograd.grad(ref, pred)[0],
           1e-5 if dtype == torch.float32 else 1.6e-2, 1e-5 if dtype == torch.float32 else 1e-2)
@@ -139,7 +139,8 @@ def main() -> int:
             run_unshuffle(be, d, dtype)
         for img_dtype in (torch.uint8, torch.float32):
             for norm_pix in (False, True):
-                run_mse(be, dtype, img_dtype, norm_pix)
+                for p in (4, 16):  # runtime patch size / the compile-time p=16 path
+                    run_mse(be, dtype, img_dtype, norm_pix, p)
         run_lce(be, 11, 24, 1001, dtype, chunk_bytes=4 * 1001 * 4)  # unaligned rows, several chunks
         run_lce(be, 5, 16, 7, dtype, chunk_bytes=1 << 20)  # vocabulary smaller than a vector
     from m3ae_engine import _C

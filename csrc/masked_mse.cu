@@ -33,18 +33,22 @@ __device__ __forceinline__ float load_pixel(const I* __restrict__ img, long long
 }
 
 // Element e of the patch in image order (c, py, px): its image offset and its (p, p, c) column.
+// PS = the patch size when known at compile time (16: divisions become shifts), 0 = runtime.
+template <int PS>
 __device__ __forceinline__ void patch_elem(const PatchGeom& g, long long img_base, int e, long long& off, int& col,
                                           int& c) {
-  c = e / g.pp;
-  const int rem = e - c * g.pp;
-  const int py = rem / g.p;
-  const int px = rem - py * g.p;
+  const int p = PS > 0 ? PS : g.p;
+  const int pp = PS > 0 ? PS * PS : g.pp;
+  c = e / pp;
+  const int rem = e - c * pp;
+  const int py = rem / p;
+  const int px = rem - py * p;
   off = img_base + (static_cast<long long>(c) * g.H + py) * g.W + px;
   col = rem * g.C + c;  // (py * p + px) * C + c
 }
 
 // MODE 0: forward (row_loss[r] = w * mse); MODE 1: backward (grad_pred row).
-template <int MODE, typename T, typename I>
+template <int MODE, int PS, typename T, typename I>
 __global__ void __launch_bounds__(kThreads) masked_mse_kernel(
     const T* __restrict__ pred, long long pred_stride, const I* __restrict__ img, PatchGeom g, Norm nrm,
     const int32_t* __restrict__ patch_index, const float* __restrict__ row_weight, long long rows, bool norm_pix,
@@ -70,13 +74,13 @@ __global__ void __launch_bounds__(kThreads) masked_mse_kernel(
       // shifted sums (shift = first element) keep the variance accurate in fp32
       long long off0;
       int col0, c0;
-      patch_elem(g, img_base, 0, off0, col0, c0);
+      patch_elem<PS>(g, img_base, 0, off0, col0, c0);
       const float shift = load_pixel(img, off0, c0, nrm);
       float s1 = 0.f, s2 = 0.f;
       for (int e = lane; e < g.P; e += 32) {
         long long off;
         int col, c;
-        patch_elem(g, img_base, e, off, col, c);
+        patch_elem<PS>(g, img_base, e, off, col, c);
         const float t = load_pixel(img, off, c, nrm) - shift;
         s1 += t;
         s2 += t * t;
@@ -92,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) masked_mse_kernel(
       for (int e = lane; e < g.P; e += 32) {
         long long off;
         int col, c;
-        patch_elem(g, img_base, e, off, col, c);
+        patch_elem<PS>(g, img_base, e, off, col, c);
         float t = load_pixel(img, off, c, nrm);
         if (norm_pix) t = (t - mu) * rstd;
         const float d = to_float(prow[col]) - t;
@@ -106,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) masked_mse_kernel(
       for (int e = lane; e < g.P; e += 32) {
         long long off;
         int col, c;
-        patch_elem(g, img_base, e, off, col, c);
+        patch_elem<PS>(g, img_base, e, off, col, c);
         float t = load_pixel(img, off, c, nrm);
         if (norm_pix) t = (t - mu) * rstd;
         grow[col] = from_float<T>(scale * (to_float(prow[col]) - t));
@@ -154,7 +158,8 @@ void run(const char* op, ptr_t pred, long long pred_stride, int pred_dtype, ptr_
     using T = scalar_t;
     auto launch = [&](auto img_tag) {
       using I = typename decltype(img_tag)::type;
-      masked_mse_kernel<MODE, T, I><<<grid, kThreads, 0, st>>>(
+      auto kernel = patch == 16 ? masked_mse_kernel<MODE, 16, T, I> : masked_mse_kernel<MODE, 0, T, I>;
+      kernel<<<grid, kThreads, 0, st>>>(
           as_ptr<const T>(pred), pred_stride, as_ptr<const I>(imgs), g, nrm, as_ptr<const int32_t>(patch_index),
           as_ptr<const float>(row_weight), rows, norm_pix, B, as_ptr<float>(row_loss), as_ptr<T>(grad_pred),
           as_ptr<const float>(grad_loss));
