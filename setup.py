@@ -43,6 +43,9 @@ class CMakeBuild(build_ext):
         if nvcc is None:
             print("m3ae-engine: no CUDA compiler (nvcc) found, skipping the CUDA extension m3ae_engine._C")
             return
+        if shutil.which("cmake") is None:  # nvcc is here, so the extension is expected: fail, do not skip
+            raise RuntimeError("m3ae-engine: nvcc found but cmake (>= 3.24) is missing; install cmake "
+                               "(pip install cmake) or set M3AE_BUILD_CUDA=0 to build without the CUDA extension")
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
