@@ -237,3 +237,25 @@ def test_custom_ops_registered_in_namespace():
     for name in ("gather", "gather_backward", "unshuffle", "unshuffle_backward", "masked_mse",
                  "masked_mse_backward", "linear_cross_entropy"):
         assert hasattr(torch.ops.m3ae_cuda, name), name
+
+
+@pytest.mark.skipif(NVCC is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
+def test_build_failure_is_loud(tmp_path):
+    """With nvcc present, a CUDA source that does not compile makes `setup.py build_ext` fail (no silent skip)."""
+    pytest.importorskip("pybind11")
+    import sys
+    for name in ("setup.py", "CMakeLists.txt"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "m3ae_engine").mkdir()
+    (tmp_path / "m3ae_engine" / "__init__.py").write_text("")
+    for f in (ROOT / "csrc").glob("*.h*"):
+        shutil.copy2(f, tmp_path / "csrc" / f.name)
+    (tmp_path / "csrc" / "binding.cpp").write_text("int m3ae_placeholder_symbol = 0;\n")
+    (tmp_path / "csrc" / "broken.cu").write_text("__global__ void k() { this is not cuda; }\n")
+    env = dict(os.environ, M3AE_CUDA_ARCHS="80", M3AE_BUILD_JOBS="1", M3AE_COPY_INPLACE="0", M3AE_BUILD_CUDA="1")
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "bt"),
+                        "--build-lib", str(tmp_path / "bl")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode != 0, "a CUDA compile error must fail the build:\n" + r.stdout[-2000:]
+    out = r.stdout + r.stderr
+    assert "broken.cu" in out and "error" in out.lower(), out[-3000:]
