@@ -35,6 +35,10 @@ LCE_CHUNK_BYTES = int(os.environ.get("M3AE_LCE_CHUNK_BYTES", 256 << 20))  # logi
 _REDUCE_CHUNK_ROWS = 256 if _C is None else int(_C.REDUCE_CHUNK_ROWS)
 
 
+def _custom_op(name: str):
+    return torch.library.custom_op(f"m3ae_cuda::{name}", mutates_args=(), device_types="cuda")
+
+
 def _code(t: torch.Tensor) -> int:
     try:
         return _DTYPE_CODES[t.dtype]
@@ -47,10 +51,14 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _stream(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":  # only the CPU emulation of _C in the tests passes host tensors
+        return 0
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def _dev(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 0
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
@@ -82,8 +90,7 @@ def _reduce_workspace(rows: int, slots: int, d: int, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # gather
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("m3ae_cuda::gather", mutates_args=(), device_types="cuda")
-def _gather(image: Optional[torch.Tensor], text: Optional[torch.Tensor], cls: Optional[torch.Tensor],
+def _gather_impl(image: Optional[torch.Tensor], text: Optional[torch.Tensor], cls: Optional[torch.Tensor],
             row_source: torch.Tensor, image_row_of: Optional[torch.Tensor],
             text_row_of: Optional[torch.Tensor]) -> torch.Tensor:
     ref = image if image is not None else text
@@ -101,14 +108,16 @@ def _gather(image: Optional[torch.Tensor], text: Optional[torch.Tensor], cls: Op
     return out
 
 
+_gather = _custom_op("gather")(_gather_impl)
+
+
 @_gather.register_fake
 def _(image, text, cls, row_source, image_row_of, text_row_of):
     ref = image if image is not None else text
     return ref.new_empty((row_source.shape[0], ref.shape[-1]))
 
 
-@torch.library.custom_op("m3ae_cuda::gather_backward", mutates_args=(), device_types="cuda")
-def _gather_backward(grad: torch.Tensor, row_source: torch.Tensor, image_row_of: Optional[torch.Tensor],
+def _gather_backward_impl(grad: torch.Tensor, row_source: torch.Tensor, image_row_of: Optional[torch.Tensor],
                      text_row_of: Optional[torch.Tensor], n_image: int, n_text: int,
                      need_cls: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_image [n_image, D], grad_text [n_text, D], grad_cls fp32 [D] or [0])."""
@@ -126,6 +135,9 @@ def _gather_backward(grad: torch.Tensor, row_source: torch.Tensor, image_row_of:
                        n_text, _ptr(gc), _ptr(ws), ws.numel() if ws is not None else 0, _code(g), _dev(g),
                        _stream(g))
     return gi, gt, gc
+
+
+_gather_backward = _custom_op("gather_backward")(_gather_backward_impl)
 
 
 @_gather_backward.register_fake
@@ -173,8 +185,7 @@ def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
-@torch.library.custom_op("m3ae_cuda::unshuffle", mutates_args=(), device_types="cuda")
-def _unshuffle(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddings: Optional[torch.Tensor],
+def _unshuffle_impl(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddings: Optional[torch.Tensor],
                pos_table: Optional[torch.Tensor], row_visible: torch.Tensor, row_kind: torch.Tensor,
                row_pos: torch.Tensor, row_of_visible: Optional[torch.Tensor]) -> torch.Tensor:
     d = visible.shape[-1]
@@ -190,13 +201,15 @@ def _unshuffle(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddings
     return out
 
 
+_unshuffle = _custom_op("unshuffle")(_unshuffle_impl)
+
+
 @_unshuffle.register_fake
 def _(visible, mask_tokens, type_embeddings, pos_table, row_visible, row_kind, row_pos, row_of_visible):
     return visible.new_empty((row_visible.shape[0], visible.shape[-1]))
 
 
-@torch.library.custom_op("m3ae_cuda::unshuffle_backward", mutates_args=(), device_types="cuda")
-def _unshuffle_backward(grad: torch.Tensor, row_visible: torch.Tensor, row_kind: torch.Tensor,
+def _unshuffle_backward_impl(grad: torch.Tensor, row_visible: torch.Tensor, row_kind: torch.Tensor,
                         row_of_visible: torch.Tensor, n_visible: int, need_params: bool,
                         with_types: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad_visible [n_visible, D], fp32 [4, D] = mask img, mask txt, type img, type txt (or [2, D] / [0]))."""
@@ -213,6 +226,9 @@ def _unshuffle_backward(grad: torch.Tensor, row_visible: torch.Tensor, row_kind:
                           _ptr(gp), gp.data_ptr() + 2 * d * 4 if slots == 4 else 0, _ptr(ws),
                           ws.numel() if ws is not None else 0, _code(g), _dev(g), _stream(g))
     return gv, gp
+
+
+_unshuffle_backward = _custom_op("unshuffle_backward")(_unshuffle_backward_impl)
 
 
 @_unshuffle_backward.register_fake
@@ -276,8 +292,7 @@ def _mse_common(pred, imgs, patch_index, row_weight, patch_size):
     return pr, im, _i32(patch_index), row_weight.to(torch.float32).contiguous(), (b, c, h, w, p)
 
 
-@torch.library.custom_op("m3ae_cuda::masked_mse", mutates_args=(), device_types="cuda")
-def _masked_mse(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor, row_weight: torch.Tensor,
+def _masked_mse_impl(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor, row_weight: torch.Tensor,
                 patch_size: int, norm_pix_loss: bool, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     pr, im, pi, rw, (b, c, h, w, p) = _mse_common(pred, imgs, patch_index, row_weight, patch_size)
     rows = pr.shape[0]
@@ -289,13 +304,15 @@ def _masked_mse(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tenso
     return loss
 
 
+_masked_mse = _custom_op("masked_mse")(_masked_mse_impl)
+
+
 @_masked_mse.register_fake
 def _(pred, imgs, patch_index, row_weight, patch_size, norm_pix_loss, mean, std):
     return pred.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("m3ae_cuda::masked_mse_backward", mutates_args=(), device_types="cuda")
-def _masked_mse_backward(grad_loss: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor,
+def _masked_mse_backward_impl(grad_loss: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor,
                          row_weight: torch.Tensor, patch_size: int, norm_pix_loss: bool, mean: Sequence[float],
                          std: Sequence[float]) -> torch.Tensor:
     pr, im, pi, rw, (b, c, h, w, p) = _mse_common(pred, imgs, patch_index, row_weight, patch_size)
@@ -306,6 +323,9 @@ def _masked_mse_backward(grad_loss: torch.Tensor, pred: torch.Tensor, imgs: torc
                            h, w, p, pi.data_ptr(), rw.data_ptr(), rows, bool(norm_pix_loss), list(mean), list(std),
                            gl.data_ptr(), _dev(pr), _stream(pr))
     return grad_pred.view(pred.shape)
+
+
+_masked_mse_backward = _custom_op("masked_mse_backward")(_masked_mse_backward_impl)
 
 
 @_masked_mse_backward.register_fake
@@ -337,8 +357,7 @@ def _lce_chunk_rows(n: int, v: int, itemsize: int) -> int:
     return max(1, min(n, LCE_CHUNK_BYTES // max(1, v * itemsize)))
 
 
-@torch.library.custom_op("m3ae_cuda::linear_cross_entropy", mutates_args=(), device_types="cuda")
-def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _linear_cross_entropy_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           targets: torch.Tensor, row_weight: torch.Tensor, compute_grad: bool
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, accuracy, grad_hidden, grad_weight, grad_bias); the grads are d loss / d input (empty
@@ -348,7 +367,15 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
     # matmuls in the hidden dtype (bf16/fp16 under autocast, fp32 otherwise); softmax math in fp32
     cdt = hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float16) else torch.float32
     h = hidden.to(cdt).contiguous()
-    wc = weight.to(cdt).contiguous()
+    # logits rows padded to a 16-byte multiple (V = 30522 is not): aligned leading dimensions for cuBLAS
+    # and 16-byte loads in the kernel. The zero rows of the padded weight give zero logits that the
+    # kernel never reads and that contribute nothing to grad_hidden.
+    align = 16 // (torch.finfo(cdt).bits // 8)  # elements per 16 bytes
+    vp = -(-v // align) * align
+    wc = weight.to(cdt)
+    if vp != v:
+        wc = torch.nn.functional.pad(wc, (0, 0, 0, vp - v))
+    wc = wc.contiguous()
     b32 = bias.to(torch.float32).contiguous() if bias is not None else None
     t = targets.to(torch.int64).contiguous()
     rw = row_weight.to(torch.float32).contiguous()
@@ -356,18 +383,18 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
     row_correct = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if compute_grad:
         g_h = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device)
-        g_w = torch.zeros(v, d, dtype=torch.float32, device=hidden.device)
-        g_b = torch.zeros(v, dtype=torch.float32, device=hidden.device) if bias is not None else None
-    chunk = _lce_chunk_rows(n, v, torch.finfo(cdt).bits // 8)
+        g_w = torch.zeros(vp, d, dtype=torch.float32, device=hidden.device)
+        g_b = torch.zeros(vp, dtype=torch.float32, device=hidden.device) if bias is not None else None
+    chunk = _lce_chunk_rows(n, vp, torch.finfo(cdt).bits // 8)
     dev, stream = _dev(h), _stream(h)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         hs = h[s:e]
-        logits = torch.mm(hs, wc.t())  # [chunk, V] without bias (added in the kernel, fp32)
+        logits = torch.mm(hs, wc.t())  # [chunk, Vp] without bias (added in the kernel, fp32)
         _C.lce_softmax(logits.data_ptr(), logits.stride(0), _code(logits), _ptr(b32), t[s:e].data_ptr(),
                        rw[s:e].data_ptr(), e - s, v, row_loss[s:e].data_ptr(), row_correct[s:e].data_ptr(),
                        bool(compute_grad), dev, stream)
-        if compute_grad:  # logits now hold d loss / d logits = w * (softmax - onehot)
+        if compute_grad:  # logits[:, :V] now hold d loss / d logits = w * (softmax - onehot)
             g_h[s:e] = torch.mm(logits, wc).to(hidden.dtype)
             g_w.add_(torch.mm(logits.t(), hs))
             if g_b is not None:
@@ -377,9 +404,12 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
     if not compute_grad:
         e0 = hidden.new_empty((0,))
         return loss, acc, e0, e0.clone(), e0.clone()
-    g_w = g_w.to(weight.dtype)
-    g_b = g_b.to(bias.dtype) if g_b is not None else hidden.new_empty((0,))
+    g_w = g_w[:v].to(weight.dtype).contiguous()
+    g_b = g_b[:v].to(bias.dtype).contiguous() if g_b is not None else hidden.new_empty((0,))
     return loss, acc, g_h, g_w, g_b
+
+
+_linear_cross_entropy = _custom_op("linear_cross_entropy")(_linear_cross_entropy_impl)
 
 
 @_linear_cross_entropy.register_fake
