@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(kThreads) masked_mse_kernel(
     const long long b = pi / g.L;
     const int l = static_cast<int>(pi - b * g.L);
     const int gy = l / g.gw, gx = l - (l / g.gw) * g.gw;
-    const long long img_base = (b * g.C * g.H + static_cast<long long>(gy) * g.p) * g.W + static_cast<long long>(gx) * g.p;
+    const long long img_base =
+        (b * g.C * g.H + static_cast<long long>(gy) * g.p) * g.W + static_cast<long long>(gx) * g.p;
     const T* prow = pred + r * pred_stride;
     const float w = __ldg(row_weight + r);
 
@@ -170,7 +171,8 @@ void run(const char* op, ptr_t pred, long long pred_stride, int pred_dtype, ptr_
       case kFloat32: launch(std::common_type<float>{}); break;
       case kBFloat16: launch(std::common_type<__nv_bfloat16>{}); break;
       case kFloat16: launch(std::common_type<__half>{}); break;
-      default: throw OpError(std::string("m3ae_engine._C.") + op + ": unsupported image dtype " + dtype_name(img_dtype));
+      default:
+        throw OpError(std::string("m3ae_engine._C.") + op + ": unsupported image dtype " + dtype_name(img_dtype));
     }
   });
   }

@@ -312,9 +312,9 @@ def _(pred, imgs, patch_index, row_weight, patch_size, norm_pix_loss, mean, std)
     return pred.new_empty((), dtype=torch.float32)
 
 
-def _masked_mse_backward_impl(grad_loss: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor,
-                         row_weight: torch.Tensor, patch_size: int, norm_pix_loss: bool, mean: Sequence[float],
-                         std: Sequence[float]) -> torch.Tensor:
+def _masked_mse_backward_impl(grad_loss: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor,
+                              patch_index: torch.Tensor, row_weight: torch.Tensor, patch_size: int,
+                              norm_pix_loss: bool, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     pr, im, pi, rw, (b, c, h, w, p) = _mse_common(pred, imgs, patch_index, row_weight, patch_size)
     rows = pr.shape[0]
     grad_pred = torch.empty(rows, pr.shape[1], dtype=pred.dtype, device=pred.device)
@@ -330,7 +330,7 @@ _masked_mse_backward = _custom_op("masked_mse_backward")(_masked_mse_backward_im
 
 @_masked_mse_backward.register_fake
 def _(grad_loss, pred, imgs, patch_index, row_weight, patch_size, norm_pix_loss, mean, std):
-    return torch.empty_like(pred)
+    return pred.new_empty(pred.shape)
 
 
 def _mse_setup(ctx, inputs, output):
@@ -419,7 +419,7 @@ def _(hidden, weight, bias, targets, row_weight, compute_grad):
         e0 = hidden.new_empty((0,))
         return s, s.clone(), e0, e0.clone(), e0.clone()
     gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
-    return s, s.clone(), torch.empty_like(hidden), torch.empty_like(weight), gb
+    return s, s.clone(), hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
 
 
 def _lce_setup(ctx, inputs, output):
