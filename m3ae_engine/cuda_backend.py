@@ -91,8 +91,8 @@ def _reduce_workspace(rows: int, slots: int, d: int, device) -> torch.Tensor:
 # gather
 # ----------------------------------------------------------------------------------------------
 def _gather_impl(image: Optional[torch.Tensor], text: Optional[torch.Tensor], cls: Optional[torch.Tensor],
-            row_source: torch.Tensor, image_row_of: Optional[torch.Tensor],
-            text_row_of: Optional[torch.Tensor]) -> torch.Tensor:
+                 row_source: torch.Tensor, image_row_of: Optional[torch.Tensor],
+                 text_row_of: Optional[torch.Tensor]) -> torch.Tensor:
     ref = image if image is not None else text
     d = ref.shape[-1]
     dtype = ref.dtype
@@ -118,8 +118,8 @@ def _(image, text, cls, row_source, image_row_of, text_row_of):
 
 
 def _gather_backward_impl(grad: torch.Tensor, row_source: torch.Tensor, image_row_of: Optional[torch.Tensor],
-                     text_row_of: Optional[torch.Tensor], n_image: int, n_text: int,
-                     need_cls: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          text_row_of: Optional[torch.Tensor], n_image: int, n_text: int,
+                          need_cls: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_image [n_image, D], grad_text [n_text, D], grad_cls fp32 [D] or [0])."""
     d = grad.shape[-1]
     g = grad.contiguous()
@@ -186,8 +186,8 @@ def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _unshuffle_impl(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddings: Optional[torch.Tensor],
-               pos_table: Optional[torch.Tensor], row_visible: torch.Tensor, row_kind: torch.Tensor,
-               row_pos: torch.Tensor, row_of_visible: Optional[torch.Tensor]) -> torch.Tensor:
+                    pos_table: Optional[torch.Tensor], row_visible: torch.Tensor, row_kind: torch.Tensor,
+                    row_pos: torch.Tensor, row_of_visible: Optional[torch.Tensor]) -> torch.Tensor:
     d = visible.shape[-1]
     vis = _rows2d(visible, d)
     mt = _f32(mask_tokens).reshape(2, d)
@@ -210,8 +210,8 @@ def _(visible, mask_tokens, type_embeddings, pos_table, row_visible, row_kind, r
 
 
 def _unshuffle_backward_impl(grad: torch.Tensor, row_visible: torch.Tensor, row_kind: torch.Tensor,
-                        row_of_visible: torch.Tensor, n_visible: int, need_params: bool,
-                        with_types: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                             row_of_visible: torch.Tensor, n_visible: int, need_params: bool,
+                             with_types: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad_visible [n_visible, D], fp32 [4, D] = mask img, mask txt, type img, type txt (or [2, D] / [0]))."""
     d = grad.shape[-1]
     g = grad.contiguous()
@@ -293,7 +293,8 @@ def _mse_common(pred, imgs, patch_index, row_weight, patch_size):
 
 
 def _masked_mse_impl(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor, row_weight: torch.Tensor,
-                patch_size: int, norm_pix_loss: bool, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+                     patch_size: int, norm_pix_loss: bool, mean: Sequence[float],
+                     std: Sequence[float]) -> torch.Tensor:
     pr, im, pi, rw, (b, c, h, w, p) = _mse_common(pred, imgs, patch_index, row_weight, patch_size)
     rows = pr.shape[0]
     row_loss = torch.empty(rows, dtype=torch.float32, device=pred.device)
@@ -358,8 +359,8 @@ def _lce_chunk_rows(n: int, v: int, itemsize: int) -> int:
 
 
 def _linear_cross_entropy_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          targets: torch.Tensor, row_weight: torch.Tensor, compute_grad: bool
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                               targets: torch.Tensor, row_weight: torch.Tensor, compute_grad: bool
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, accuracy, grad_hidden, grad_weight, grad_bias); the grads are d loss / d input (empty
     without compute_grad) and are scaled by the incoming gradient in the backward."""
     n, d = hidden.shape
