@@ -3,6 +3,7 @@
 - No nvcc (or M3AE_BUILD_CUDA=0): the extension is skipped with one clear line; everything else
   (torch and Triton backends) works.
 - nvcc present: the build MUST succeed; a failure is an error, not a silent skip.
+- M3AE_CUDA_ARCHS="80;90a" overrides the targets; M3AE_BUILD_JOBS limits parallel compile jobs.
 """
 import os
 import shutil
@@ -42,6 +43,9 @@ class CMakeBuild(build_ext):
         if nvcc is None:
             print("m3ae-engine: no CUDA compiler (nvcc) found, skipping the CUDA extension m3ae_engine._C")
             return
+        if shutil.which("cmake") is None:  # nvcc is here, so the extension is expected: fail, do not skip
+            raise RuntimeError("m3ae-engine: nvcc found but cmake (>= 3.24) is missing; install cmake "
+                               "(pip install cmake) or set M3AE_BUILD_CUDA=0 to build without the CUDA extension")
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
@@ -55,7 +59,7 @@ class CMakeBuild(build_ext):
         if shutil.which("ninja"):
             cfg += ["-G", "Ninja"]
         subprocess.run(["cmake", str(ROOT)] + cfg, cwd=build_dir, check=True)
-        jobs = str(max(1, os.cpu_count() or 1))
+        jobs = os.environ.get("M3AE_BUILD_JOBS") or str(max(1, os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
         # editable installs import from the source tree: put a copy next to the sources too
         built = next(out_dir.glob("_C*"), None)
