@@ -18,11 +18,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .model import M3AE
 from .optim import build_optimizer
 
 
@@ -166,6 +168,16 @@ def prepare_ds_config(path: str, cfg, info: DistInfo, device: torch.device) -> d
     return ds
 
 
+class _TupleOutputM3AE(M3AE):
+    """M3AE whose forward returns a tuple. ZeRO-3 re-gathers a module's parameters for backward through
+    hooks on the tensors its forward returns, and DeepSpeed only finds tensors in tuples, lists and
+    dicts, not in M3AE's dataclass output; without this the loss backward sees released (empty) weights."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        return out.loss, out.image_loss, out.text_loss
+
+
 class DeepSpeedRuntime:
     """DeepSpeed engine (ZeRO 1/2/3, offload). Needs the `deepspeed` package (extra: m3ae-engine[deepspeed])."""
 
@@ -182,6 +194,7 @@ class DeepSpeedRuntime:
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.ds_config = prepare_ds_config(cfg.deepspeed_config, cfg, info, device)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        model.__class__ = _TupleOutputM3AE  # same parameters and state_dict keys, tuple output
         model = model.to(device)
         groups = model.param_groups(cfg.weight_decay)
         optimizer = None
@@ -191,6 +204,12 @@ class DeepSpeedRuntime:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer, config=copy.deepcopy(self.ds_config))
         self.module = self.engine.module
+        if self.zero_stage == 3:
+            # M3AE.forward hands the vocab head's weight straight to the fused CE op without calling the
+            # Linear, so ZeRO-3 would never gather it; registering it makes M3AE's own hooks fetch it.
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+            for p in self.module.decoder_text_output.parameters():
+                register_external_parameter(self.module, p)
         self.autocast = autocast_for(device, "fp32" if not self._half() else "bf16")
 
     def _half(self) -> bool:
@@ -198,7 +217,8 @@ class DeepSpeedRuntime:
 
     def forward_backward(self, batch, noise, last_micro: bool, nan: bool = False):
         with self.autocast:  # DeepSpeed casts the weights; autocast keeps fp32 inputs and bf16 weights compatible
-            out = _forward(self.engine, batch, noise, self.device)
+            loss, image_loss, text_loss = _forward(self.engine, batch, noise, self.device)
+        out = SimpleNamespace(loss=loss, image_loss=image_loss, text_loss=text_loss)
         self.engine.backward(inject(out.loss, nan))  # DeepSpeed divides by gradient_accumulation_steps
         return out
 

@@ -18,6 +18,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -157,9 +158,11 @@ def evaluate(runtime, cfg, model_config, info, micro, device) -> dict:
     for i in range(cfg.eval_batches):
         with runtime.autocast:
             b = data.batch_at(i)
+            image_noise, text_noise = noise(i, 0, info.rank, info.world_size, micro)
             out = model(b["image"].to(device), b["text"], b["text_padding_mask"],
-                        image_noise=noise(i, 0, info.rank, info.world_size, micro)[0],
-                        text_noise=noise(i, 0, info.rank, info.world_size, micro)[1])
+                        image_noise=image_noise, text_noise=text_noise)
+        if isinstance(out, tuple):  # the DeepSpeed runtime's model returns (loss, image_loss, text_loss)
+            out = SimpleNamespace(loss=out[0], image_loss=out[1], text_loss=out[2])
         total += _loss_vector(out).to(device)
     total = _all_reduce(total) / (cfg.eval_batches * info.world_size)
     loss, img, txt = total.tolist()
