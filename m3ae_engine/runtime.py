@@ -212,6 +212,10 @@ class DeepSpeedRuntime:
                 register_external_parameter(self.module, p)
         self.autocast = autocast_for(device, "fp32" if not self._half() else "bf16")
 
+    def local_numel(self) -> int:
+        """Parameter elements this rank stores: about 1/world of the model under ZeRO-3, all of it otherwise."""
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.module.parameters())
+
     def _half(self) -> bool:
         return any(self.ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
 

@@ -185,7 +185,10 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # same init on every rank: DDP / ZeRO start from identical replicas
     model_config = M3AEConfig.from_preset(cfg.preset, **cfg.model_overrides())
     model = M3AE(model_config)
+    n_params = model.num_parameters()  # before ZeRO-3 partitions the weights away
     runtime = build_runtime(model, cfg, info, device)
+    if hasattr(runtime, "local_numel"):  # every rank: shows the ZeRO-3 split (and the tests read it)
+        print(f"rank {info.rank}: holds {runtime.local_numel()} of {n_params} parameters", flush=True)
     data = build_data(cfg, model_config, info, micro, build_loader)
     noise = MaskNoise(cfg.seed, model_config.num_patches, model_config.text_length, micro_global,
                       model_config.mask_sharing)
@@ -216,7 +219,7 @@ def train(cfg: TrainConfig) -> dict:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
             (out_dir / "config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
-        log.print(f"m3ae-engine: preset={cfg.preset} params={model.num_parameters() / 1e6:.2f}M device={device} "
+        log.print(f"m3ae-engine: preset={cfg.preset} params={n_params / 1e6:.2f}M device={device} "
                   f"runtime={runtime.kind} world={info.world_size} batch={cfg.batch_size} steps={total} "
                   f"peak_lr={cfg.peak_lr:.2e}" + (f" resumed_from={resume_path}" if resume_path else ""))
         log.print("config: " + json.dumps({k: v for k, v in cfg.to_dict().items()}, sort_keys=True))
