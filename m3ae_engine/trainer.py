@@ -190,7 +190,7 @@ def train(cfg: TrainConfig) -> dict:
     if hasattr(runtime, "local_numel"):  # every rank: shows the ZeRO-3 split (and the tests read it)
         print(f"rank {info.rank}: holds {runtime.local_numel()} of {n_params} parameters", flush=True)
     data = build_data(cfg, model_config, info, micro, build_loader)
-    noise = MaskNoise(cfg.seed, model_config.num_patches, model_config.text_length, micro_global,
+    noise = MaskNoise(cfg.seed, model_config.num_patches, model_config.text_length, cfg.batch_size,
                       model_config.mask_sharing)
     total, warmup = cfg.total_steps, cfg.total_warmup_steps
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None

@@ -73,8 +73,9 @@ def test_ddp_two_ranks_match_one(one_rank, tmp_path):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_two_ranks_match_one(stage, one_rank, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install m3ae-engine[deepspeed])")
-    log = torchrun_2(tmp_path, f"--deepspeed_config={ROOT / 'configs' / f'zero{stage}.json'}")
-    assert_matches(one_rank, tmp_path)  # model.safetensors: exported from the ZeRO checkpoint
+    ds = f"--deepspeed_config={ROOT / 'configs' / f'zero{stage}.json'}"
+    log = torchrun_2(tmp_path / "run", ds, "--ckpt-every=2")
+    assert_matches(one_rank, tmp_path / "run")  # model.safetensors: exported from the ZeRO checkpoint
     held = {int(r): (int(n), int(t)) for r, n, t in re.findall(r"rank (\d): holds (\d+) of (\d+) parameters", log)}
     assert sorted(held) == [0, 1], log[-3000:]
     total = held[0][1]
@@ -83,3 +84,10 @@ def test_zero_two_ranks_match_one(stage, one_rank, tmp_path):
             assert abs(n - total / 2) < 0.01 * total, held
         else:
             assert n == total
+    if stage == 3:  # resume the sharded checkpoint of step 2 on 2 ranks: the same last 2 steps
+        torchrun_2(tmp_path / "resumed", ds, f"--resume={tmp_path / 'run' / 'checkpoints' / 'step_00000002'}")
+        a, b = losses(tmp_path / "run"), losses(tmp_path / "resumed")
+        assert sorted(b) == [3, 4] and all(b[s] == a[s] for s in b), (a, b)
+        wa = load_file(str(tmp_path / "run" / "model.safetensors"))
+        wb = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)

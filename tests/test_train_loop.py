@@ -128,3 +128,13 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     assert all(a[s] == b[s] for s in b)
     assert weights_equal(load_file(str(tmp_path / "a" / "model.safetensors")),
                          load_file(str(tmp_path / "b" / "model.safetensors")))
+
+
+def test_grad_accumulation_matches_full_batch(reference, tmp_path):
+    """2 micro-batches of 4 accumulate to the gradient of one batch of 8 (same samples, same masks)."""
+    run(tmp_path, grad_accum=2)
+    a, b = losses(reference[0]), losses(tmp_path)
+    assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+    wa, wb = load_file(str(reference[0] / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
