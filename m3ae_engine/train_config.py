@@ -193,19 +193,62 @@ def _opt_int(s: str):
     return None if s.lower() in ("none", "null") else int(s)
 
 
+HELP = {
+    "preset": "model size: tiny | small | base | large | huge",
+    "image_mask_ratio": "fraction of image patches masked (official 0.75)",
+    "text_mask_ratio": "fraction of text positions masked (official 0.75)",
+    "mask_sharing": "sample (one permutation per sample, MAE) | batch (one per rank, official M3AE)",
+    "image_loss_weight": "weight of the pixel MSE term", "text_loss_weight": "weight of the word CE term (paper 0.5)",
+    "norm_pix_loss": "true: MAE's per-patch normalised pixel target",
+    "kernels": "auto | torch | triton | cuda", "attention": "attention backend (auto picks the fastest)",
+    "data": "synthetic, or WebDataset shards 'dir/{00000..00099}.tar' (several joined with ::)",
+    "dataset_size": "samples per epoch (needed with --epochs / --warmup-epochs)",
+    "batch_size": "GLOBAL batch: all ranks and accumulation steps together",
+    "grad_accum": "micro-steps per optimizer step", "steps": "optimizer steps (or give --epochs)",
+    "base_lr": "lr = base_lr * batch_size / 256 (default 1.5e-4; 1.5e-3 for tiny)",
+    "warmup_steps": "linear warmup steps, then cosine to --end-lr", "warmup_epochs": "warmup in epochs (official 5)",
+    "grad_clip": "max global grad norm (0 = off; DeepSpeed: its config's gradient_clipping)",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32 (plain PyTorch path)",
+    "output_dir": "metrics.jsonl, tensorboard/, checkpoints/, model.safetensors go here",
+    "resume": "latest (newest complete checkpoint in OUTPUT_DIR/checkpoints) or a checkpoint dir",
+    "log_every": "steps between logs (the only host syncs)", "ckpt_every": "steps between checkpoints (0: end only)",
+    "keep_last": "checkpoints kept", "eval_every": "steps between held-out evals (0: off)",
+    "max_bad_steps": "non-finite steps in a row that stop the run",
+}
+
+
+_PARSERS = {"int": int, "float": float, "str": str, "bool": _bool, "Optional[int]": _opt_int,
+            "Optional[float]": float, "Optional[str]": str}
+
+
+def _coerce(values: dict) -> dict:
+    """File values written as strings ('1e-3': YAML 1.1 reads it as text) get the field's type;
+    a value that does not convert is reported with the field's name."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, str) and k in types and types[k] not in ("str", "Optional[str]"):
+            try:
+                v = _PARSERS[types[k]](v)
+            except (ValueError, argparse.ArgumentTypeError):
+                raise ConfigError(f"{k}: expected {types[k]}, got {v!r}") from None
+        elif isinstance(v, int) and not isinstance(v, bool) and types.get(k) in ("float", "Optional[float]"):
+            v = float(v)
+        out[k] = v
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags default to SUPPRESS so only the flags actually given override the file."""
     S = argparse.SUPPRESS
     p = argparse.ArgumentParser(description="Pretrain M3AE / MAE (see README: Training).", argument_default=S)
     p.add_argument("--config", help="YAML or JSON file of options (flags below override it)")
-    types = {"bool": _bool}
     for f in dataclasses.fields(TrainConfig):
         if f.name == "deepspeed_config":
             continue
-        t = {"int": int, "float": float, "str": str, "bool": _bool, "Optional[int]": _opt_int,
-             "Optional[float]": float, "Optional[str]": str}[str(f.type)]
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=types.get(str(f.type), t),
-                       metavar=f.name.upper())
+        t = _PARSERS[str(f.type)]
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=t,
+                       metavar=f.name.upper(), help=HELP.get(f.name, f"default: {f.default!r}"))
     # the DeepSpeed launcher passes --local_rank; deepspeed's own flags name the config
     p.add_argument("--local_rank", "--local-rank", type=int, help=S)
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
@@ -216,13 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv=None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
-    values = load_file(args.pop("config")) if "config" in args else {}
+    values = _coerce(load_file(args.pop("config"))) if "config" in args else {}
     args.pop("local_rank", None)  # the launcher also sets LOCAL_RANK, which is what we read
     args.pop("deepspeed", None)
-    if "epochs" in args and "steps" not in args:
-        values["steps"] = None  # --epochs replaces the default step count
-    if "warmup_epochs" in args and "warmup_steps" not in args:
-        values["warmup_steps"] = None
+    for source in (values, args):  # epochs (file or flag) replace the default step counts
+        if "epochs" in source and "steps" not in source:
+            values["steps"] = None
+        if "warmup_epochs" in source and "warmup_steps" not in source:
+            values["warmup_steps"] = None
+    if "steps" in args and "epochs" not in args:  # a --steps flag overrides the file's epochs
+        values["epochs"] = None
+    if "warmup_steps" in args and "warmup_epochs" not in args:
+        values["warmup_epochs"] = None
     values.update(args)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - fields)

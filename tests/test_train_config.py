@@ -39,10 +39,13 @@ def test_train_py_exits_with_the_message(capsys):
 
 def test_file_then_cli_precedence(tmp_path):
     f = tmp_path / "run.yaml"
-    f.write_text("preset: tiny\nbatch-size: 32\nsteps: 50\nbase_lr: 0.001\nmask_sharing: batch\n")
+    f.write_text("preset: tiny\nbatch-size: 32\nsteps: 50\nbase_lr: 1e-3\nmask_sharing: batch\n")
     cfg = parse(["--config", str(f), "--steps", "7"])
     assert (cfg.batch_size, cfg.steps, cfg.base_lr, cfg.mask_sharing) == (32, 7, 0.001, "batch")
     assert cfg.peak_lr == pytest.approx(0.001 * 32 / 256)
+    (tmp_path / "typo.yaml").write_text("steps: many\n")
+    with pytest.raises(ConfigError, match="steps: expected"):
+        parse(["--config", str(tmp_path / "typo.yaml")])
     (tmp_path / "bad.json").write_text(json.dumps({"batchsize": 3}))
     with pytest.raises(ConfigError, match="unknown option"):
         parse(["--config", str(tmp_path / "bad.json")])
@@ -81,3 +84,12 @@ def test_ds_config_filled_from_the_run(tmp_path):
     for name in ("ds.json", "configs/zero1.json", "configs/zero2.json", "configs/zero3.json"):
         d = json.load(open(name))
         assert d["bf16"]["enabled"] and "optimizer" not in d, name  # client optimizer: torch (fused) AdamW
+
+
+def test_shipped_yaml_configs_parse():
+    cfg = parse(["--config", "configs/tiny.yaml"])
+    assert cfg == TrainConfig(base_lr=1.5e-3)  # the file spells out the no-argument default run
+    cfg = parse(["--config", "configs/m3ae_base.yaml", "--data", "synthetic"])
+    assert (cfg.total_steps, cfg.total_warmup_steps) == (244141, 12207) and cfg.peak_lr == pytest.approx(2.4e-3)
+    cfg = parse(["--config", "configs/m3ae_base.yaml", "--data", "synthetic", "--steps", "10", "--warmup-steps", "2"])
+    assert (cfg.total_steps, cfg.total_warmup_steps) == (10, 2)  # flags beat the file's epochs
