@@ -210,14 +210,13 @@ class DeepSpeedRuntime:
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
             for p in self.module.decoder_text_output.parameters():
                 register_external_parameter(self.module, p)
-        self.autocast = autocast_for(device, "fp32" if not self._half() else "bf16")
+        half = next((k for k in ("bf16", "fp16") if self.ds_config.get(k, {}).get("enabled", False)), None)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if half == "bf16" else torch.float16)
+                         if half else contextlib.nullcontext())
 
     def local_numel(self) -> int:
         """Parameter elements this rank stores: about 1/world of the model under ZeRO-3, all of it otherwise."""
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.module.parameters())
-
-    def _half(self) -> bool:
-        return any(self.ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
 
     def forward_backward(self, batch, noise, last_micro: bool, nan: bool = False):
         with self.autocast:  # DeepSpeed casts the weights; autocast keeps fp32 inputs and bf16 weights compatible

@@ -153,6 +153,9 @@ class TrainConfig:
         need(self.device is None or self.device.split(":")[0] in ("cpu", "cuda"),
              f"device must be cpu or cuda[:N], got {self.device!r}")
         need(isinstance(self.data, str) and self.data != "", "data must be 'synthetic' or a shard pattern")
+        need(self.eval_every == 0 or self.data == "synthetic",
+             "eval_every needs --data synthetic: the held-out eval reads synthetic batches (an eval split of "
+             "WebDataset shards is not wired into the loop yet); set eval_every: 0")
         need(self.resume is None or self.output_dir is not None or self.resume != "latest",
              "--resume latest needs --output-dir (it looks in OUTPUT_DIR/checkpoints)")
         if self.resume not in (None, "latest"):

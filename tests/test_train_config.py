@@ -25,6 +25,7 @@ from m3ae_engine.trainer import check_data
     (["--resume", "/nonexistent/ckpt"], "checkpoint directory not found"),
     (["--deepspeed_config", "/nonexistent/ds.json"], "DeepSpeed config not found"),
     (["--config", "/nonexistent/run.yaml"], "config file not found"),
+    (["--data", "shards.tar", "--eval-every", "5"], "eval_every needs --data synthetic"),
 ])
 def test_bad_values_raise_clear_errors(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
