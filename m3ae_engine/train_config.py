@@ -1,0 +1,284 @@
+"""TrainConfig: every knob of a training run in one dataclass.
+
+Sources, later wins: the defaults below < a YAML/JSON file (`--config run.yaml`) < command-line flags.
+The effective config is validated before any work (ConfigError names the field and the allowed
+values), printed at start and saved as `train_config.json` in the output dir and in every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import ENCODER_PRESETS, ConfigError
+
+OFFICIAL_BASE_LR = 1.5e-4
+TINY_BASE_LR = 1.5e-3  # 10x official: the tiny demo must visibly learn in 300 steps
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = "tiny"
+    image_mask_ratio: float = 0.75
+    text_mask_ratio: float = 0.75
+    mask_sharing: str = "sample"  # "sample" (MAE) | "batch" (official M3AE: one permutation per rank)
+    image_loss_weight: float = 1.0
+    text_loss_weight: float = 0.5
+    norm_pix_loss: bool = False
+    kernels: str = "auto"  # auto | torch | triton | cuda
+    attention: str = "auto"
+    # data
+    data: str = "synthetic"  # "synthetic" or a WebDataset shard pattern (needs m3ae_engine.data.build_loader)
+    dataset_size: Optional[int] = None  # samples per epoch; needed for --epochs with endless synthetic data
+    num_workers: int = 4
+    # schedule; batch_size is GLOBAL (all ranks, all accumulation micro-steps)
+    batch_size: int = 64
+    grad_accum: int = 1
+    steps: Optional[int] = 300
+    epochs: Optional[float] = None  # alternative to steps: steps = ceil(epochs * dataset_size / batch_size)
+    base_lr: Optional[float] = None  # None: 1.5e-4 official (1.5e-3 for the tiny preset); lr = base_lr*batch/256
+    warmup_steps: Optional[int] = 20
+    warmup_epochs: Optional[float] = None  # official: 5 epochs
+    end_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # official code: none (1e9); 0 disables. DeepSpeed uses its config's gradient_clipping
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    # run
+    seed: int = 0
+    device: Optional[str] = None  # cpu | cuda (default: cuda if available)
+    output_dir: Optional[str] = None  # metrics, checkpoints, final weights; None = write nothing
+    resume: Optional[str] = None  # "latest" (newest in output_dir/checkpoints) or a checkpoint dir
+    log_every: int = 25
+    ckpt_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep_last: int = 3
+    eval_every: int = 0  # 0: no eval; else held-out loss on eval_batches fixed synthetic batches
+    eval_batches: int = 2
+    max_bad_steps: int = 10  # this many non-finite steps in a row stop the run
+    tensorboard: bool = True
+    deepspeed_config: Optional[str] = None  # set by --deepspeed_config; None = plain PyTorch / DDP
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived ----
+    @property
+    def effective_base_lr(self) -> float:
+        if self.base_lr is not None:
+            return self.base_lr
+        return TINY_BASE_LR if self.preset == "tiny" else OFFICIAL_BASE_LR
+
+    @property
+    def peak_lr(self) -> float:
+        return self.effective_base_lr * self.batch_size / 256.0
+
+    def steps_per_epoch(self) -> Optional[int]:
+        return None if self.dataset_size is None else max(1, self.dataset_size // self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * self.dataset_size / self.batch_size))
+        return self.steps
+
+    @property
+    def total_warmup_steps(self) -> int:
+        if self.warmup_epochs is not None:
+            return int(round(self.warmup_epochs * self.dataset_size / self.batch_size))
+        return self.warmup_steps or 0
+
+    def model_overrides(self) -> dict:
+        return dict(image_mask_ratio=self.image_mask_ratio, text_mask_ratio=self.text_mask_ratio,
+                    mask_sharing=self.mask_sharing, image_loss_weight=self.image_loss_weight,
+                    text_loss_weight=self.text_loss_weight, norm_pix_loss=self.norm_pix_loss,
+                    kernels=self.kernels, attention=self.attention)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- validation: everything that can be checked before building anything ----
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        def pos_int(name, allow_zero=False):
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if allow_zero else v >= 1)
+            need(ok, f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
+
+        need(self.preset in ENCODER_PRESETS,
+             f"preset must be one of {', '.join(ENCODER_PRESETS)}; got {self.preset!r}")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_last", "eval_batches", "max_bad_steps",
+                     "num_workers"):
+            pos_int(name, allow_zero=name == "num_workers")
+        for name in ("ckpt_every", "eval_every"):
+            pos_int(name, allow_zero=True)
+        need(self.batch_size % self.grad_accum == 0,
+             f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        need((self.steps is None) != (self.epochs is None),
+             f"give exactly one of steps and epochs (got steps={self.steps!r}, epochs={self.epochs!r}); "
+             f"on the command line --epochs replaces the default --steps")
+        if self.steps is not None:
+            pos_int("steps")
+        if self.epochs is not None or self.warmup_epochs is not None:
+            need(self.dataset_size is not None,
+                 "epochs / warmup_epochs need dataset_size (samples per epoch) to convert to steps")
+        if self.epochs is not None:
+            need(isinstance(self.epochs, (int, float)) and self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
+        if self.dataset_size is not None:
+            pos_int("dataset_size")
+        need((self.warmup_steps is None) or (self.warmup_epochs is None),
+             "give at most one of warmup_steps and warmup_epochs")
+        if self.warmup_steps is not None:
+            pos_int("warmup_steps", allow_zero=True)
+        if self.warmup_epochs is not None:
+            need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        need(self.base_lr is None or (isinstance(self.base_lr, (int, float)) and 0 < self.base_lr < 1),
+             f"base_lr must be in (0, 1), got {self.base_lr!r}")
+        need(self.end_lr >= 0, f"end_lr must be >= 0, got {self.end_lr!r}")
+        need(0 <= self.weight_decay < 1, f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip!r}")
+        need(self.precision in ("auto", "bf16", "fp32"),
+             f"precision must be auto, bf16 or fp32; got {self.precision!r}")
+        need(self.device is None or self.device.split(":")[0] in ("cpu", "cuda"),
+             f"device must be cpu or cuda[:N], got {self.device!r}")
+        need(isinstance(self.data, str) and self.data != "", "data must be 'synthetic' or a shard pattern")
+        need(self.eval_every == 0 or self.data == "synthetic",
+             "eval_every needs --data synthetic: the held-out eval reads synthetic batches (an eval split of "
+             "WebDataset shards is not wired into the loop yet); set eval_every: 0")
+        need(self.resume is None or self.output_dir is not None or self.resume != "latest",
+             "--resume latest needs --output-dir (it looks in OUTPUT_DIR/checkpoints)")
+        if self.resume not in (None, "latest"):
+            need(Path(self.resume).is_dir(), f"--resume: checkpoint directory not found: {self.resume}")
+        if self.deepspeed_config is not None:
+            need(Path(self.deepspeed_config).is_file(), f"DeepSpeed config not found: {self.deepspeed_config}")
+        # the model's own checks (mask ratios, sharing, weights, kernels) with its messages
+        from .config import M3AEConfig
+        M3AEConfig.from_preset(self.preset, **self.model_overrides())
+        # warmup longer than the run is allowed: short test runs then stay in the linear ramp
+
+
+def load_file(path: str) -> dict:
+    """A YAML or JSON mapping of TrainConfig field names (dashes or underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+        d = yaml.safe_load(text) or {}
+    else:
+        d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in d.items()}
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _opt_int(s: str):
+    return None if s.lower() in ("none", "null") else int(s)
+
+
+HELP = {
+    "preset": "model size: tiny | small | base | large | huge",
+    "image_mask_ratio": "fraction of image patches masked (official 0.75)",
+    "text_mask_ratio": "fraction of text positions masked (official 0.75)",
+    "mask_sharing": "sample (one permutation per sample, MAE) | batch (one per rank, official M3AE)",
+    "image_loss_weight": "weight of the pixel MSE term", "text_loss_weight": "weight of the word CE term (paper 0.5)",
+    "norm_pix_loss": "true: MAE's per-patch normalised pixel target",
+    "kernels": "auto | torch | triton | cuda", "attention": "attention backend (auto picks the fastest)",
+    "data": "synthetic, or WebDataset shards 'dir/{00000..00099}.tar' (several joined with ::)",
+    "dataset_size": "samples per epoch (needed with --epochs / --warmup-epochs)",
+    "batch_size": "GLOBAL batch: all ranks and accumulation steps together",
+    "grad_accum": "micro-steps per optimizer step", "steps": "optimizer steps (or give --epochs)",
+    "base_lr": "lr = base_lr * batch_size / 256 (default 1.5e-4; 1.5e-3 for tiny)",
+    "warmup_steps": "linear warmup steps, then cosine to --end-lr", "warmup_epochs": "warmup in epochs (official 5)",
+    "grad_clip": "max global grad norm (0 = off; DeepSpeed: its config's gradient_clipping)",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32 (plain PyTorch path)",
+    "output_dir": "metrics.jsonl, tensorboard/, checkpoints/, model.safetensors go here",
+    "resume": "latest (newest complete checkpoint in OUTPUT_DIR/checkpoints) or a checkpoint dir",
+    "log_every": "steps between logs (the only host syncs)", "ckpt_every": "steps between checkpoints (0: end only)",
+    "keep_last": "checkpoints kept", "eval_every": "steps between held-out evals (0: off)",
+    "max_bad_steps": "non-finite steps in a row that stop the run",
+}
+
+
+_PARSERS = {"int": int, "float": float, "str": str, "bool": _bool, "Optional[int]": _opt_int,
+            "Optional[float]": float, "Optional[str]": str}
+
+
+def _coerce(values: dict) -> dict:
+    """File values written as strings ('1e-3': YAML 1.1 reads it as text) get the field's type;
+    a value that does not convert is reported with the field's name."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, str) and k in types and types[k] not in ("str", "Optional[str]"):
+            try:
+                v = _PARSERS[types[k]](v)
+            except (ValueError, argparse.ArgumentTypeError):
+                raise ConfigError(f"{k}: expected {types[k]}, got {v!r}") from None
+        elif isinstance(v, int) and not isinstance(v, bool) and types.get(k) in ("float", "Optional[float]"):
+            v = float(v)
+        out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags default to SUPPRESS so only the flags actually given override the file."""
+    S = argparse.SUPPRESS
+    p = argparse.ArgumentParser(description="Pretrain M3AE / MAE (see README: Training).", argument_default=S)
+    p.add_argument("--config", help="YAML or JSON file of options (flags below override it)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "deepspeed_config":
+            continue
+        t = _PARSERS[str(f.type)]
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=t,
+                       metavar=f.name.upper(), help=HELP.get(f.name, f"default: {f.default!r}"))
+    # the DeepSpeed launcher passes --local_rank; deepspeed's own flags name the config
+    p.add_argument("--local_rank", "--local-rank", type=int, help=S)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   help="DeepSpeed JSON config: train with DeepSpeed (ZeRO) instead of plain PyTorch/DDP")
+    p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's launcher conventions")
+    return p
+
+
+def parse(argv=None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = _coerce(load_file(args.pop("config"))) if "config" in args else {}
+    args.pop("local_rank", None)  # the launcher also sets LOCAL_RANK, which is what we read
+    args.pop("deepspeed", None)
+    for source in (values, args):  # epochs (file or flag) replace the default step counts
+        if "epochs" in source and "steps" not in source:
+            values["steps"] = None
+        if "warmup_epochs" in source and "warmup_steps" not in source:
+            values["warmup_steps"] = None
+    if "steps" in args and "epochs" not in args:  # a --steps flag overrides the file's epochs
+        values["epochs"] = None
+    if "warmup_steps" in args and "warmup_epochs" not in args:
+        values["warmup_epochs"] = None
+    values.update(args)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; valid: {sorted(fields)}")
+    if values.get("deepspeed_config") is None and os.environ.get("M3AE_DEEPSPEED_CONFIG"):
+        values["deepspeed_config"] = os.environ["M3AE_DEEPSPEED_CONFIG"]
+    return TrainConfig(**values)

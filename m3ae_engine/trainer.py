@@ -1,0 +1,337 @@
+"""The training loop: data -> masked forward/backward -> skip-or-step -> log / eval / checkpoint.
+
+One loop for every launch mode (python, torchrun, deepspeed); runtime.py hides plain/DDP/DeepSpeed.
+The hot loop never waits for the device except at the log interval: losses, skip flags and counters
+stay on the device until then.
+
+Determinism across world sizes: the masks are drawn from a generator seeded by (seed, step) for the
+whole GLOBAL batch, and each rank takes the rows of its own samples (the data is split the same way).
+So 2 ranks x 4 samples see exactly the masks of 1 rank x 8, and a resumed run draws what the
+uninterrupted one did (the generator state is a function of the step, not of history).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_exported, consolidated_state_dict
+from .config import ConfigError, M3AEConfig
+from .logging_utils import Logger, flops_per_sample_fn, memory_gb, peak_flops
+from .model import M3AE
+from .optim import warmup_cosine
+from .runtime import DistInfo, build_runtime, dist_from_env, pick_device
+from .train_config import TrainConfig
+
+EVAL_SEED_OFFSET = 1_000_003  # eval batches and masks come from a stream training never reads
+
+
+class MaskNoise:
+    """Uniform masking noise for the rows of this rank's micro-batch (see module docstring)."""
+
+    def __init__(self, seed: int, num_patches: int, text_length: int, global_batch: int, sharing: str):
+        self.seed, self.li, self.lt, self.g, self.sharing = seed, num_patches, text_length, global_batch, sharing
+        self.gen = torch.Generator()
+        self._cached = (None, None)
+
+    def __call__(self, step: int, micro: int, rank: int, world: int, batch: int):
+        if self.sharing == "batch":  # official M3AE: one permutation per device and micro-batch
+            self.gen.manual_seed(hash((self.seed, step, micro, rank)) & 0x7FFFFFFFFFFF)
+            rows = torch.rand(1, self.li + self.lt, generator=self.gen)
+        else:
+            if self._cached[0] != step:
+                self.gen.manual_seed((self.seed * 1_000_003 + step) & 0x7FFFFFFFFFFF)
+                self._cached = (step, torch.rand(self.g, self.li + self.lt, generator=self.gen))
+            off = (micro * world + rank) * batch
+            rows = self._cached[1][off:off + batch]
+        return rows[:, :self.li], rows[:, self.li:]
+
+
+def _expand_braces(pattern: str):
+    """'a/{000..003}.tar' -> the four names (WebDataset's range syntax), then shell globs."""
+    import glob
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if m:
+        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+        return [n for i in range(lo, hi + 1)
+                for n in _expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
+    return glob.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
+
+
+def check_data(cfg: TrainConfig):
+    """Fail before any work when the data cannot be read: the loader is missing or no file matches."""
+    if cfg.data == "synthetic":
+        return None
+    try:
+        from .data import build_loader
+    except ImportError:
+        raise ConfigError(f"--data {cfg.data}: webdataset loading not available in this build "
+                          f"(m3ae_engine.data.build_loader is missing); use --data synthetic") from None
+    for source in cfg.data.split("::"):  # several sources may be joined with '::' (the loader mixes them)
+        if "://" in source or source.startswith("pipe:"):
+            continue  # remote / piped sources: the loader reports its own errors
+        spec = source.split("=", 1)[-1] if re.match(r"^\w+=", source) else source  # "images=PATTERN"
+        if not any(Path(p).exists() for p in _expand_braces(spec)):
+            raise ConfigError(f"--data: no file matches {spec!r} (missing data path)")
+    return build_loader
+
+
+def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int, build_loader=None,
+               seed: Optional[int] = None):
+    if build_loader is None:
+        from .data import SyntheticBatches
+        return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
+                                seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
+                                rank=info.rank, world_size=info.world_size)
+    return build_loader(cfg.data, batch_size=micro, image_size=model_config.image_size,
+                        text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
+                        world_size=info.world_size, num_workers=cfg.num_workers)
+
+
+def _inject_steps():
+    env = os.environ.get("M3AE_INJECT_NAN_STEPS", "")
+    return {int(s) for s in env.split(",") if s.strip()}
+
+
+def _crash_hook():
+    """Test hook: M3AE_CRASH_IN_CHECKPOINT_STEP=N kills the process in the middle of writing step N."""
+    at = os.environ.get("M3AE_CRASH_IN_CHECKPOINT_STEP")
+    if not at:
+        return None
+
+    def hook(tmp_dir):
+        if tmp_dir.name.endswith(f"step_{int(at):08d}"):
+            os._exit(17)
+    return hook
+
+
+class StopRequested:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker)
+                pass
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _loss_vector(out) -> torch.Tensor:
+    zero = out.loss.new_zeros(()) if torch.is_tensor(out.loss) else torch.zeros(())
+    parts = [out.loss, out.image_loss, out.text_loss]
+    return torch.stack([(p if p is not None else zero).detach().float() for p in parts])
+
+
+@torch.no_grad()
+def evaluate(runtime, cfg, model_config, info, micro, device) -> dict:
+    """Loss on fixed held-out synthetic batches with fixed masks: comparable across steps and runs."""
+    data = build_data(cfg, model_config, info, micro, seed=cfg.seed + EVAL_SEED_OFFSET)
+    noise = MaskNoise(cfg.seed + EVAL_SEED_OFFSET, model_config.num_patches, model_config.text_length,
+                      micro * info.world_size, "sample")
+    model = getattr(runtime, "engine", None) or runtime.model
+    total = torch.zeros(3, device=device)
+    for i in range(cfg.eval_batches):
+        with runtime.autocast:
+            b = data.batch_at(i)
+            image_noise, text_noise = noise(i, 0, info.rank, info.world_size, micro)
+            out = model(b["image"].to(device), b["text"], b["text_padding_mask"],
+                        image_noise=image_noise, text_noise=text_noise)
+        if isinstance(out, tuple):  # the DeepSpeed runtime's model returns (loss, image_loss, text_loss)
+            out = SimpleNamespace(loss=out[0], image_loss=out[1], text_loss=out[2])
+        total += _loss_vector(out).to(device)
+    total = _all_reduce(total) / (cfg.eval_batches * info.world_size)
+    loss, img, txt = total.tolist()
+    return {"eval_loss": loss, "eval_image_loss": img, "eval_text_loss": txt}
+
+
+def train(cfg: TrainConfig) -> dict:
+    info = dist_from_env()
+    build_loader = check_data(cfg)  # before any work: a missing path fails in a second, not after init
+    micro_global = cfg.batch_size // cfg.grad_accum
+    if micro_global % info.world_size:
+        raise ConfigError(f"batch_size/grad_accum = {micro_global} must be divisible by the world size "
+                          f"{info.world_size}")
+    micro = micro_global // info.world_size  # samples per rank per micro-step
+    device = pick_device(cfg.device, info)
+    if device.type == "cpu" and not info.distributed:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # same init on every rank: DDP / ZeRO start from identical replicas
+    model_config = M3AEConfig.from_preset(cfg.preset, **cfg.model_overrides())
+    model = M3AE(model_config)
+    n_params = model.num_parameters()  # before ZeRO-3 partitions the weights away
+    runtime = build_runtime(model, cfg, info, device)
+    if hasattr(runtime, "local_numel"):  # every rank: shows the ZeRO-3 split (and the tests read it)
+        print(f"rank {info.rank}: holds {runtime.local_numel()} of {n_params} parameters", flush=True)
+    data = build_data(cfg, model_config, info, micro, build_loader)
+    noise = MaskNoise(cfg.seed, model_config.num_patches, model_config.text_length, cfg.batch_size,
+                      model_config.mask_sharing)
+    total, warmup = cfg.total_steps, cfg.total_warmup_steps
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    ckpt_root = out_dir / "checkpoints" if out_dir else None
+    meta = {"train_config": cfg.to_dict(), "model_config": model_config.to_dict(), "runtime": runtime.kind,
+            "world_size": info.world_size}
+
+    # ---- resume ----
+    start = 0
+    bad_total = torch.zeros((), dtype=torch.long, device=device)  # skipped steps, on the device
+    bad_run = torch.zeros((), dtype=torch.long, device=device)  # current run of consecutive skips
+    bad_run_max = torch.zeros((), dtype=torch.long, device=device)
+    resume_path = resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
+    if resume_path is not None:
+        client = load_checkpoint(runtime, resume_path, info.rank)
+        start = int(client["step"])
+        if hasattr(data, "load_state_dict") and client.get("data") is not None:
+            data.load_state_dict(client["data"])
+        bad_total.fill_(int(client.get("skipped_steps", 0)))
+    if start >= total:
+        raise ConfigError(f"the checkpoint is at step {start}, the run has only {total} steps; raise --steps")
+
+    log = Logger(info.is_main, total, start, cfg.output_dir, cfg.tensorboard)
+    if info.is_main:
+        if out_dir:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (out_dir / "config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
+        log.print(f"m3ae-engine: preset={cfg.preset} params={n_params / 1e6:.2f}M device={device} "
+                  f"runtime={runtime.kind} world={info.world_size} batch={cfg.batch_size} steps={total} "
+                  f"peak_lr={cfg.peak_lr:.2e}" + (f" resumed_from={resume_path}" if resume_path else ""))
+        log.print("config: " + json.dumps({k: v for k, v in cfg.to_dict().items()}, sort_keys=True))
+        if runtime.kind == "deepspeed":
+            log.print("deepspeed config: " + json.dumps(runtime.ds_config, sort_keys=True))
+
+    inject = _inject_steps()
+    stop = StopRequested()
+    flops_fn = flops_per_sample_fn(model_config)
+    peak = peak_flops(device)
+    losses, saved_at = {}, None
+    first = last = None
+    state = {"step": start, "stopped": None}
+
+    def client_state(step):
+        return {"step": step, "data": data.state_dict() if hasattr(data, "state_dict") else None,
+                "skipped_steps": int(bad_total), "config": cfg.to_dict()}
+
+    def checkpoint(step):
+        nonlocal saved_at
+        if ckpt_root is None or saved_at == step:
+            return
+        save_checkpoint(runtime, ckpt_root, step, client_state(step), dict(meta, step=step), cfg.keep_last,
+                        info.rank, _crash_hook())
+        saved_at = step
+        log.print(f"checkpoint: {ckpt_root / f'step_{step:08d}'}")
+
+    data_iter = iter(data)
+    t0, t_log, seen_log = time.perf_counter(), time.perf_counter(), 0
+    step = start
+    try:
+        while step < total:
+            lr = warmup_cosine(step, total, warmup, cfg.peak_lr, end_lr=cfg.end_lr)
+            acc = torch.zeros(3, device=device)
+            for m in range(cfg.grad_accum):
+                batch = next(data_iter)
+                out = runtime.forward_backward(batch, noise(step, m, info.rank, info.world_size, micro),
+                                               last_micro=m == cfg.grad_accum - 1, nan=step in inject)
+                acc += _loss_vector(out).to(device) / cfg.grad_accum
+            norm, bad = runtime.step(lr, ~torch.isfinite(acc[0]))
+            bad = bad.to(device)
+            bad_total += bad.long()
+            bad_run.mul_(bad.long()).add_(bad.long())  # consecutive skips; reset by a good step
+            torch.maximum(bad_run_max, bad_run, out=bad_run_max)
+            step += 1
+            state["step"] = step
+            seen_log += cfg.batch_size
+            log.advance()
+
+            if step % cfg.log_every == 0 or step == total or step == start + 1:
+                vals = _all_reduce(acc.clone()) / info.world_size  # the global batch's losses (sync here)
+                loss, img, txt = vals.tolist()
+                now = time.perf_counter()
+                rate = seen_log / max(now - t_log, 1e-9)
+                t_log, seen_log = now, 0
+                skipped, run_max = int(bad_total), int(bad_run_max)
+                metrics = {"step": step, "loss": loss, "image_loss": img, "text_loss": txt, "lr": lr,
+                           "grad_norm": float(norm), "samples_per_s": rate, "skipped_steps": skipped,
+                           "memory_gb": memory_gb(device), "mfu": None}
+                if flops_fn is not None and peak is not None:
+                    fps = flops_fn(batch["text_padding_mask"])
+                    metrics["mfu"] = None if fps is None else fps * rate / (peak * info.world_size)
+                losses[step] = loss
+                first = loss if first is None else first
+                last = loss
+                log.log(metrics)
+                if run_max >= cfg.max_bad_steps:
+                    state["stopped"] = "non-finite"
+                    log.print(f"error: {run_max} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}) "
+                              f"at step {step}; the weights are those of the last good step. Saving a "
+                              f"checkpoint and stopping. Lower the lr, check the data, or raise --max-bad-steps.")
+                    break
+                signalled = torch.tensor(float(stop.signum is not None), device=device)
+                if float(_all_reduce(signalled, dist.ReduceOp.MAX if dist.is_initialized() else None)) > 0:
+                    state["stopped"] = "signal"
+                    break
+            elif stop.signum is not None and not info.distributed:  # single process: react at once
+                state["stopped"] = "signal"
+                break
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
+                checkpoint(step)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                ev = evaluate(runtime, cfg, model_config, info, micro, device)
+                ev["step"] = step
+                log.print("eval: " + json.dumps(ev))
+                if log.jsonl is not None:
+                    log.jsonl.write(json.dumps(ev) + "\n")
+    finally:
+        stop.restore()
+    checkpoint(step)
+    if state["stopped"] == "signal":
+        log.print(f"stopped by signal {stop.signum} at step {step}; resume with --resume latest")
+    if out_dir is not None and state["stopped"] is None:
+        if info.is_main:
+            weights = (consolidated_state_dict(ckpt_root / f"step_{step:08d}") if runtime.kind == "deepspeed"
+                       else {k: v.detach().float().cpu().contiguous() for k, v in runtime.module.state_dict().items()})
+            save_exported(weights, model_config.to_dict(), out_dir / "model.safetensors")
+        if dist.is_initialized():
+            dist.barrier()
+    log.close()
+    if info.is_main and first is not None:
+        print(f"done: loss {first:.4f} -> {last:.4f} in {time.perf_counter() - t0:.1f}s "
+              f"({int(bad_total)} skipped steps)", flush=True)
+    result = {"losses": losses, "first": first, "last": last, "step": step, "skipped_steps": int(bad_total),
+              "stopped": state["stopped"], "runtime": runtime}
+    if state["stopped"] == "non-finite":
+        raise TrainingDiverged(f"{int(bad_run_max)} non-finite steps in a row at step {step} "
+                               f"(max_bad_steps={cfg.max_bad_steps}); checkpoint saved", result)
+    return result
+
+
+class TrainingDiverged(RuntimeError):
+    def __init__(self, msg, result):
+        super().__init__(msg)
+        self.result = result
