@@ -93,9 +93,10 @@ def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
                                 rank=info.rank, world_size=info.world_size)
+    device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
     return build_loader(cfg.data, batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
-                        world_size=info.world_size, num_workers=cfg.num_workers)
+                        world_size=info.world_size, num_workers=cfg.num_workers, device=device)
 
 
 def _inject_steps():
