@@ -164,6 +164,8 @@ def linear_cross_entropy(hidden, weight, bias, targets, row_weight, backend=None
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         with torch.autocast(dev_type, enabled=False):
             return impl.linear_cross_entropy(hidden, weight, bias, targets, row_weight)
+    if weight.is_floating_point() and hidden.is_floating_point() and weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)  # one matmul dtype: the activations' (fp32 master weights stay)
     return impl.linear_cross_entropy(hidden, weight, bias, targets, row_weight)
 
 

@@ -33,6 +33,8 @@ class TritonBackend:
         return self._k.masked_mse(pred, imgs, patch_index, row_weight, patch_size, norm_pix_loss, mean, std)
 
     def linear_cross_entropy(self, hidden, weight, bias, targets, row_weight):
+        if weight.dtype != hidden.dtype and weight.is_floating_point() and hidden.is_floating_point():
+            weight = weight.to(hidden.dtype)  # the kernel runs one matmul dtype: the activations'
         return self._k.masked_linear_cross_entropy(hidden, weight, bias, targets, row_weight)
 
 
