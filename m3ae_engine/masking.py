@@ -157,13 +157,19 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
     """Draw the masks and build every index map (see module docstring).
 
     text_padding_mask: [B, Lt] (1/True = padding) or None for an image-only forward.
-    The plan is built on `text_padding_mask.device` if given, else on `device`.
+    The plan is built on `text_padding_mask.device` if given, else on the generator's device, else on
+    `device`.
     exact_sizes: size packed rows exactly (reads counts on the host); default: only when the plan is
     built on the CPU. False forces the capacity layout with a filler tail (no host sync).
     """
     has_text = text_padding_mask is not None
     assert has_image or has_text, "a forward needs an image, a text, or both"
-    dev = text_padding_mask.device if has_text else torch.device(device if device is not None else "cpu")
+    if has_text:
+        dev = text_padding_mask.device
+    elif generator is not None:  # image-only: build where the caller's generator draws
+        dev = generator.device
+    else:
+        dev = torch.device(device if device is not None else "cpu")
     B = batch
     Li = num_patches if has_image else 0
     Ki = image_keep if has_image else 0

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from triton_helpers import DEVICE, close, gpu_launch_config, poisoned_empty
+from triton_helpers import DEVICE, close, close_norm, gpu_launch_config, poisoned_empty
 
 from m3ae_engine import ops, reference
 from m3ae_engine.kernels.masked_linear_cross_entropy import linear_cross_entropy_op, masked_linear_cross_entropy
@@ -37,7 +37,10 @@ def _compare(h, w, b, t, rw, dtype, chunk_rows=0, check_acc=True):
     want = torch.autograd.grad(ref * 0.7, leaves)
     for name, a, e in zip(("hidden", "weight", "bias"), got, want):
         assert a.dtype == e.dtype and a.shape == e.shape
-        close(a, e, dtype, what=f"grad {name}")
+        if h.shape[0] > 4096:  # thousands of rows summed into each weight-grad entry: norm-wise check
+            close_norm(a, e, dtype, what=f"grad {name}")
+        else:
+            close(a, e, dtype, what=f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

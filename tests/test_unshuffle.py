@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from triton_helpers import DEVICE, close, gpu_launch_config, poisoned_empty, text_padding
+from triton_helpers import DEVICE, close, close_norm, gpu_launch_config, poisoned_empty, text_padding
 
 from m3ae_engine import ops, reference
 from m3ae_engine.masking import build_plan
@@ -37,7 +37,10 @@ def _compare(plan, vis, mask_tokens, type_emb, pos, dtype, gen, pass_inverse=Tru
     want = torch.autograd.grad(ref, leaves, g)
     for name, a, b_ in zip(("visible", "mask_tokens", "type"), got, want):
         assert a.dtype == b_.dtype
-        close(a, b_, dtype, scale=4.0, what=f"grad {name}")  # kind sums add up many rows
+        if name != "visible" and out.shape[0] > 4096:  # sums over thousands of rows: norm-wise check
+            close_norm(a, b_, dtype, what=f"grad {name}")
+        else:
+            close(a, b_, dtype, scale=4.0, what=f"grad {name}")  # kind sums add up many rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

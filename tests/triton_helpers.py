@@ -34,6 +34,18 @@ def poisoned_empty():
         torch.empty, torch.empty_like = orig_empty, orig_like
 
 
+NORM_TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def close_norm(actual, expected, dtype=torch.float32, what=""):
+    """||a - e|| / ||e|| within the dtype's rounding: for results summed over many rows (thousands),
+    where elementwise tolerances flag pure summation-order rounding on near-zero entries."""
+    a, e = actual.double(), expected.double()
+    rel = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    assert rel < NORM_TOL[dtype], f"{what}: relative error {rel:.3g} >= {NORM_TOL[dtype]}"
+
+
 def close(actual, expected, dtype=torch.float32, scale=1.0, what=""):
     tol = TOL[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"], atol=tol["atol"] * scale,
