@@ -257,8 +257,12 @@ class Runner:
         varlen = getattr(attention, "_VARLEN_IMPLS", None)
         if c.packed and attn != "math" and varlen is not None and attn not in varlen:
             attn += " (no varlen implementation registered: math fallback)"  # say what really runs
-        return dict(kernels=ops.resolve_backend(None if c.kernels == "auto" else c.kernels, device),
-                    attention=attn, packed=c.packed)
+        choice = None if c.kernels == "auto" else c.kernels
+        per_op = {op: ops.resolve_backend(choice, device, op)
+                  for op in ("gather", "unshuffle", "masked_mse", "linear_cross_entropy")}
+        kernels = next(iter(per_op.values())) if len(set(per_op.values())) == 1 else \
+            ", ".join(f"{op} {name}" for op, name in per_op.items())
+        return dict(kernels=kernels, attention=attn, packed=c.packed)
 
     def step(self, batch: Batch) -> torch.Tensor:
         with self.autocast:
