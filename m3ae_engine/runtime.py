@@ -72,10 +72,28 @@ def autocast_for(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _forward(model, batch, noise, device):
+def _losses(out):
+    """(loss, image_loss, text_loss) from M3AE's output or the DeepSpeed runtime's tuple."""
+    return out if isinstance(out, tuple) else (out.loss, out.image_loss, out.text_loss)
+
+
+def _forward(model, batch, noise, device, unpaired_weight: float = 0.0):
+    """One micro-batch: the paired (or image-only) forward, plus the official unpaired text term
+    (`batch["unpaired_text"]`, a text-only forward weighted by `unpaired_weight`) when present."""
     image_noise, text_noise = noise
-    return model(batch["image"].to(device, non_blocking=True), batch["text"], batch["text_padding_mask"],
-                 image_noise=image_noise, text_noise=text_noise)
+    kw = {}
+    if batch.get("image") is not None:
+        kw.update(image=batch["image"].to(device, non_blocking=True), image_noise=image_noise)
+    if batch.get("text") is not None:
+        kw.update(text=batch["text"], text_padding_mask=batch["text_padding_mask"], text_noise=text_noise)
+    loss, image_loss, text_loss = _losses(model(**kw))
+    unpaired = None
+    if batch.get("unpaired_text") is not None and unpaired_weight > 0:
+        _, _, unpaired = _losses(model(text=batch["unpaired_text"],
+                                       text_padding_mask=batch["unpaired_text_padding_mask"],
+                                       text_noise=batch.get("unpaired_text_noise")))
+        loss = loss + unpaired_weight * unpaired
+    return SimpleNamespace(loss=loss, image_loss=image_loss, text_loss=text_loss, unpaired_text_loss=unpaired)
 
 
 def inject(loss: torch.Tensor, nan: bool) -> torch.Tensor:
@@ -106,7 +124,7 @@ class PlainRuntime:
         sync = contextlib.nullcontext() if last_micro or not self.info.distributed else self.model.no_sync()
         with sync:
             with self.autocast:
-                out = _forward(self.model, batch, noise, self.device)
+                out = _forward(self.model, batch, noise, self.device, self.cfg.unpaired_text_loss_weight)
             (inject(out.loss, nan) / self.cfg.grad_accum).backward()
         return out
 
@@ -220,8 +238,7 @@ class DeepSpeedRuntime:
 
     def forward_backward(self, batch, noise, last_micro: bool, nan: bool = False):
         with self.autocast:  # DeepSpeed casts the weights; autocast keeps fp32 inputs and bf16 weights compatible
-            loss, image_loss, text_loss = _forward(self.engine, batch, noise, self.device)
-        out = SimpleNamespace(loss=loss, image_loss=image_loss, text_loss=text_loss)
+            out = _forward(self.engine, batch, noise, self.device, self.cfg.unpaired_text_loss_weight)
         self.engine.backward(inject(out.loss, nan))  # DeepSpeed divides by gradient_accumulation_steps
         return out
 

@@ -35,6 +35,9 @@ class TrainConfig:
     attention: str = "auto"
     # data
     data: str = "synthetic"  # "synthetic" or a WebDataset shard pattern (needs m3ae_engine.data.build_loader)
+    modality: str = "paired"  # paired (M3AE) | image (MAE mode: image-only forwards; shards need no captions)
+    unpaired_text_data: Optional[str] = None  # official unpaired text term: "synthetic" or text files / text shards
+    unpaired_text_loss_weight: float = 0.0  # weight of the unpaired text-only forward's text loss (official flag)
     dataset_size: Optional[int] = None  # samples per epoch; needed for --epochs with endless synthetic data
     num_workers: int = 4
     # schedule; batch_size is GLOBAL (all ranks, all accumulation micro-steps)
@@ -153,6 +156,13 @@ class TrainConfig:
         need(self.device is None or self.device.split(":")[0] in ("cpu", "cuda"),
              f"device must be cpu or cuda[:N], got {self.device!r}")
         need(isinstance(self.data, str) and self.data != "", "data must be 'synthetic' or a shard pattern")
+        need(self.modality in ("paired", "image"),
+             f"modality must be paired (M3AE) or image (MAE: image-only), got {self.modality!r}")
+        need(self.unpaired_text_loss_weight >= 0,
+             f"unpaired_text_loss_weight must be >= 0, got {self.unpaired_text_loss_weight!r}")
+        need((self.unpaired_text_data is None) == (self.unpaired_text_loss_weight == 0),
+             "unpaired text needs both --unpaired-text-data and a positive --unpaired-text-loss-weight "
+             f"(got data={self.unpaired_text_data!r}, weight={self.unpaired_text_loss_weight!r})")
         need(self.eval_every == 0 or self.data == "synthetic",
              "eval_every needs --data synthetic: the held-out eval reads synthetic batches (an eval split of "
              "WebDataset shards is not wired into the loop yet); set eval_every: 0")
@@ -205,6 +215,9 @@ HELP = {
     "norm_pix_loss": "true: MAE's per-patch normalised pixel target",
     "kernels": "auto | torch | triton | cuda", "attention": "attention backend (auto picks the fastest)",
     "data": "synthetic, or WebDataset shards 'dir/{00000..00099}.tar' (several joined with ::)",
+    "modality": "paired (M3AE) | image (MAE mode: image-only forwards on image shards or synthetic images)",
+    "unpaired_text_data": "unpaired text (official): synthetic, or text files / text shards; each step adds a text-only forward",
+    "unpaired_text_loss_weight": "weight of the unpaired text loss (official flag; 0 = off)",
     "dataset_size": "samples per epoch (needed with --epochs / --warmup-epochs)",
     "batch_size": "GLOBAL batch: all ranks and accumulation steps together",
     "grad_accum": "micro-steps per optimizer step", "steps": "optimizer steps (or give --epochs)",

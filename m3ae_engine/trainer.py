@@ -33,6 +33,7 @@ from .optim import warmup_cosine
 from .runtime import DistInfo, build_runtime, dist_from_env, pick_device
 from .train_config import TrainConfig
 
+UNPAIRED_SEED_OFFSET = 7_777_777  # unpaired text draws its own captions and masks
 EVAL_SEED_OFFSET = 1_000_003  # eval batches and masks come from a stream training never reads
 
 
@@ -96,7 +97,36 @@ def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro
     device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
     return build_loader(cfg.data, batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
-                        world_size=info.world_size, num_workers=cfg.num_workers, device=device)
+                        world_size=info.world_size, num_workers=cfg.num_workers, device=device,
+                        modality="image" if cfg.modality == "image" else "paired")
+
+
+def build_unpaired_text(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int):
+    """Text-only batches for the official unpaired text term: synthetic captions (their images are
+    dropped) or text files / text shards read by the data package's text loader."""
+    if cfg.unpaired_text_data is None:
+        return None
+    if cfg.unpaired_text_data == "synthetic":
+        from .data import SyntheticBatches
+        return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
+                                seed=cfg.seed + UNPAIRED_SEED_OFFSET, rank=info.rank, world_size=info.world_size)
+    from .data import build_loader
+    sources = [p for p in re.split(r"::|,", cfg.unpaired_text_data) if p]
+    for spec in sources:
+        if not any(Path(p).exists() for p in _expand_braces(spec)):
+            raise ConfigError(f"--unpaired-text-data: no file matches {spec!r} (missing data path)")
+    return build_loader(sources, batch_size=micro, image_size=model_config.image_size,
+                        text_length=model_config.text_length, seed=cfg.seed + UNPAIRED_SEED_OFFSET,
+                        rank=info.rank, world_size=info.world_size, modality="text")
+
+
+def micro_batch(batch: dict, modality: str, unpaired: Optional[dict], unpaired_noise) -> dict:
+    """The dict the runtime's forward reads: image-only in MAE mode, plus the unpaired text if any."""
+    out = {"image": batch["image"]} if modality == "image" else dict(batch)
+    if unpaired is not None:
+        out.update(unpaired_text=unpaired["text"], unpaired_text_padding_mask=unpaired["text_padding_mask"],
+                   unpaired_text_noise=unpaired_noise)
+    return out
 
 
 def _inject_steps():
@@ -160,8 +190,11 @@ def evaluate(runtime, cfg, model_config, info, micro, device) -> dict:
         with runtime.autocast:
             b = data.batch_at(i)
             image_noise, text_noise = noise(i, 0, info.rank, info.world_size, micro)
-            out = model(b["image"].to(device), b["text"], b["text_padding_mask"],
-                        image_noise=image_noise, text_noise=text_noise)
+            if cfg.modality == "image":  # MAE mode: the held-out loss of the image-only forward
+                out = model(b["image"].to(device), image_noise=image_noise)
+            else:
+                out = model(b["image"].to(device), b["text"], b["text_padding_mask"],
+                            image_noise=image_noise, text_noise=text_noise)
         if isinstance(out, tuple):  # the DeepSpeed runtime's model returns (loss, image_loss, text_loss)
             out = SimpleNamespace(loss=out[0], image_loss=out[1], text_loss=out[2])
         total += _loss_vector(out).to(device)
@@ -193,6 +226,9 @@ def train(cfg: TrainConfig) -> dict:
     data = build_data(cfg, model_config, info, micro, build_loader)
     noise = MaskNoise(cfg.seed, model_config.num_patches, model_config.text_length, cfg.batch_size,
                       model_config.mask_sharing)
+    unpaired_data = build_unpaired_text(cfg, model_config, info, micro)
+    unpaired_noise = MaskNoise(cfg.seed + UNPAIRED_SEED_OFFSET, model_config.num_patches, model_config.text_length,
+                               cfg.batch_size, model_config.mask_sharing)
     total, warmup = cfg.total_steps, cfg.total_warmup_steps
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     ckpt_root = out_dir / "checkpoints" if out_dir else None
@@ -210,6 +246,8 @@ def train(cfg: TrainConfig) -> dict:
         start = int(client["step"])
         if hasattr(data, "load_state_dict") and client.get("data") is not None:
             data.load_state_dict(client["data"])
+        if unpaired_data is not None and client.get("unpaired_text_data") is not None:
+            unpaired_data.load_state_dict(client["unpaired_text_data"])
         bad_total.fill_(int(client.get("skipped_steps", 0)))
     if start >= total:
         raise ConfigError(f"the checkpoint is at step {start}, the run has only {total} steps; raise --steps")
@@ -237,6 +275,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def client_state(step):
         return {"step": step, "data": data.state_dict() if hasattr(data, "state_dict") else None,
+                "unpaired_text_data": (unpaired_data.state_dict() if hasattr(unpaired_data, "state_dict")
+                                       else None),
                 "skipped_steps": int(bad_total), "config": cfg.to_dict()}
 
     def checkpoint(step):
@@ -249,17 +289,24 @@ def train(cfg: TrainConfig) -> dict:
         log.print(f"checkpoint: {ckpt_root / f'step_{step:08d}'}")
 
     data_iter = iter(data)
+    unpaired_iter = iter(unpaired_data) if unpaired_data is not None else None
     t0, t_log, seen_log = time.perf_counter(), time.perf_counter(), 0
     step = start
     try:
         while step < total:
             lr = warmup_cosine(step, total, warmup, cfg.peak_lr, end_lr=cfg.end_lr)
             acc = torch.zeros(3, device=device)
+            acc_unpaired = torch.zeros((), device=device)
             for m in range(cfg.grad_accum):
                 batch = next(data_iter)
-                out = runtime.forward_backward(batch, noise(step, m, info.rank, info.world_size, micro),
+                unpaired = next(unpaired_iter) if unpaired_iter is not None else None
+                u_noise = unpaired_noise(step, m, info.rank, info.world_size, micro)[1] if unpaired else None
+                out = runtime.forward_backward(micro_batch(batch, cfg.modality, unpaired, u_noise),
+                                               noise(step, m, info.rank, info.world_size, micro),
                                                last_micro=m == cfg.grad_accum - 1, nan=step in inject)
                 acc += _loss_vector(out).to(device) / cfg.grad_accum
+                if getattr(out, "unpaired_text_loss", None) is not None:
+                    acc_unpaired += out.unpaired_text_loss.detach().float() / cfg.grad_accum
             norm, bad = runtime.step(lr, ~torch.isfinite(acc[0]))
             bad = bad.to(device)
             bad_total += bad.long()
@@ -280,7 +327,9 @@ def train(cfg: TrainConfig) -> dict:
                 metrics = {"step": step, "loss": loss, "image_loss": img, "text_loss": txt, "lr": lr,
                            "grad_norm": float(norm), "samples_per_s": rate, "skipped_steps": skipped,
                            "memory_gb": memory_gb(device), "mfu": None}
-                if flops_fn is not None and peak is not None:
+                if unpaired_iter is not None:
+                    metrics["unpaired_text_loss"] = float(_all_reduce(acc_unpaired.clone()) / info.world_size)
+                if flops_fn is not None and peak is not None and cfg.modality == "paired":
                     fps = flops_fn(batch["text_padding_mask"])
                     metrics["mfu"] = None if fps is None else fps * rate / (peak * info.world_size)
                 losses[step] = loss
