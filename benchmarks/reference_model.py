@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from m3ae_engine.config import M3AEConfig
+from m3ae_engine.model import M3AE, MLP
 from m3ae_engine.pos_embed import position_table
 from m3ae_engine.reference import normalize_image, patchify
 
@@ -59,17 +60,6 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [3, B, H, S, Dh]
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)  # [B, H, S, Dh]
         return self.proj(out.transpose(1, 2).reshape(b, s, d))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, gelu: str):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.approximate = "tanh" if gelu == "tanh" else "none"
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -117,29 +107,10 @@ class ReferenceM3AE(nn.Module):
         self.register_buffer("decoder_pos", position_table(dd, c.grid_size, c.text_length), persistent=False)
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.text_embedding.weight, std=1.0)
-        for name, p in self.named_parameters():
-            if name.endswith("_type_embedding") or name in ("cls_token", "image_mask_embedding",
-                                                            "text_mask_embedding"):
-                nn.init.normal_(p, std=0.02)
-
-    NO_DECAY_NAMES = ("cls_token", "encoder_image_type_embedding", "encoder_text_type_embedding",
-                      "decoder_image_type_embedding", "decoder_text_type_embedding",
-                      "image_mask_embedding", "text_mask_embedding", "text_embedding")
-
-    def param_groups(self, weight_decay: float):
-        """Same AdamW groups as M3AE.param_groups (official no-decay list)."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            top = name.split(".")[0]
-            (no_decay if top in self.NO_DECAY_NAMES or name.endswith(".bias") else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # same initialisation and AdamW groups as the engine (same parameter names by construction)
+    reset_parameters = M3AE.reset_parameters
+    NO_DECAY_NAMES = M3AE.NO_DECAY_NAMES
+    param_groups = M3AE.param_groups
 
     def _noise(self, batch: int, length: int, device) -> torch.Tensor:
         rows = batch if self.config.mask_sharing == "sample" else 1
