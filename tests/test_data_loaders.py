@@ -200,6 +200,13 @@ def test_corrupt_image_skipped_and_counted(tmp_path):
         batches = list(loader)
     assert len(batches) == 1 and batches[0]["image"].shape == (8, 3, S, S)
     assert loader.corrupt_count == 1 and loader.corrupt_samples[0].endswith(":000000002")
+    # the slot now holds another sample: its image AND its caption, ids and key (pairs stay true)
+    b = batches[0]
+    assert not any(k.endswith(":000000002") for k in b["key"])
+    i, j = [n for n, k in enumerate(b["key"]) if b["key"].count(k) == 2]  # the filled slot and its donor
+    assert torch.equal(b["image"][i], b["image"][j]) and b["caption"][i] == b["caption"][j]
+    assert torch.equal(b["text"][i], b["text"][j]) and torch.equal(b["text_padding_mask"][i],
+                                                                     b["text_padding_mask"][j])
 
 
 @pytest.mark.skipif(not dali_available(), reason="DALI not installed")
@@ -378,6 +385,8 @@ def test_nvjpeg_batch_logic_on_cpu(shards, tmp_path, monkeypatch):
         out = next(iter(loader))
     assert out["image"].shape == (B, 3, S, S) and loader.corrupt_count == 1
     assert torch.equal(out["image"][2], out["image"][0])
+    assert out["key"][2] == out["key"][0] and out["caption"][2] == out["caption"][0]
+    assert torch.equal(out["text"][2], out["text"][0])
 
 
 def test_jpeg_components():

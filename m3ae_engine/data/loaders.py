@@ -151,14 +151,18 @@ class _ShardLoaderBase:
         self.samples_read = int(state.get("samples_read", 0))
 
 
-def _fill_corrupt(images: List[Optional[np.ndarray]], keys, where: str):
+def _fill_corrupt(images: List[Optional[np.ndarray]], keys, where: str) -> List[int]:
+    """Donor of each slot: itself when its image decoded, else another good sample of the batch (the
+    k-th bad slot takes the (k mod #good)-th good one). Callers copy the donor's caption and key too, so
+    an image never travels with another sample's text."""
     good = [i for i, x in enumerate(images) if x is not None]
     if not good:
         raise DataError(f"no decodable image in a whole batch ({where}; first keys {keys[:3]}): "
                         f"the shards need `python -m m3ae_engine.data.shards validate --fix`")
+    donors = list(range(len(images)))
     for n, i in enumerate([i for i, x in enumerate(images) if x is None]):
-        images[i] = images[good[n % len(good)]]
-    return images
+        donors[i] = good[n % len(good)]
+    return donors
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -186,7 +190,8 @@ class _BatchDataset(torch.utils.data.Dataset):
                 bad.append((key, f"{type(e).__name__}: {e}"))
             caps.append(cap)
             keys.append(key)
-        imgs = _fill_corrupt(imgs, keys, f"batch {step}")
+        donors = _fill_corrupt(imgs, keys, f"batch {step}")
+        imgs, caps, keys = ([seq[d] for d in donors] for seq in (imgs, caps, keys))
         out = {"image": torch.from_numpy(np.stack(imgs)), "key": keys, "corrupt": bad}
         if L.modality == "paired":
             out["text"], out["text_padding_mask"] = L._tokenise(caps)
@@ -308,15 +313,20 @@ class NvJpegLoader(_ShardLoaderBase):
             boxes.append(box)
             flips.append(fl)
         imgs = augment_gpu([dec[i] for i in ok], self.image_size, boxes, flips)
-        if len(ok) < len(dec):  # fill corrupt slots with other samples of the batch
+        donors = list(range(len(dec)))
+        if len(ok) < len(dec):  # fill corrupt slots with other samples of the batch, their text included
             row = {i: r for r, i in enumerate(ok)}  # the k-th bad slot takes the (k mod #ok)-th good sample
             bad_slots = [n for n in range(len(dec)) if n not in row]
             fill = [row[n] if n in row else bad_slots.index(n) % len(ok) for n in range(len(dec))]
             imgs = imgs[torch.tensor(fill, device=imgs.device)]
-        out = {"image": imgs, "key": hb["key"], "corrupt": bad}
-        for k in ("text", "text_padding_mask", "caption"):
+            donors = [ok[f] for f in fill]  # batch index of the sample each slot now holds
+        out = {"image": imgs, "key": [hb["key"][d] for d in donors], "corrupt": bad}
+        index = torch.tensor(donors)
+        for k in ("text", "text_padding_mask"):
             if k in hb:
-                out[k] = hb[k]
+                out[k] = hb[k][index]
+        if "caption" in hb:
+            out["caption"] = [hb["caption"][d] for d in donors]
         return out
 
     def __iter__(self) -> Iterator[Dict]:
