@@ -2,8 +2,8 @@
 """Pretrain M3AE / MAE.
 
   python train.py                                   tiny preset, synthetic data, CPU or GPU (a demo)
-  torchrun --nproc_per_node 8 train.py --config configs/base.yaml       plain PyTorch DDP
-  deepspeed train.py --deepspeed_config ds.json --config configs/base.yaml   DeepSpeed ZeRO
+  torchrun --nproc_per_node 8 train.py --config configs/m3ae_base.yaml  plain PyTorch DDP
+  deepspeed train.py --deepspeed_config ds.json --config configs/m3ae_base.yaml   DeepSpeed ZeRO
   deepspeed --hostfile hostfile train.py --deepspeed_config ds.json ...     many nodes
 
 Options: `python train.py --help`; every option also goes in a YAML/JSON file given with --config.
@@ -15,7 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a clone without an install
 
+from m3ae_engine.attention import AttentionBackendUnavailable  # noqa: E402
 from m3ae_engine.config import ConfigError  # noqa: E402
+from m3ae_engine.data.sources import DataError  # noqa: E402
+from m3ae_engine.ops import BackendUnavailable  # noqa: E402
 from m3ae_engine.train_config import parse  # noqa: E402
 
 
@@ -24,7 +27,7 @@ def main(argv=None):
         cfg = parse(argv)
         from m3ae_engine.trainer import train
         result = train(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError, BackendUnavailable, AttentionBackendUnavailable) as e:
         raise SystemExit(f"error: {e}") from None
     return result["first"], result["last"]
 

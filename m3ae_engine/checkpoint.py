@@ -95,9 +95,14 @@ def save_checkpoint(runtime, ckpt_root: Path, step: int, client_state: dict, met
     _barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks completeness
-        if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save):
+            replaced = ckpt_root / (".old-" + final.name)  # move it aside, so a complete copy always exists
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -33,7 +33,7 @@ def draw_shuffle(batch: int, length: int, sharing: str, device, generator=None, 
     if noise is None:
         rows = batch if sharing == "sample" else 1
         noise = torch.rand(rows, length, device=device, generator=generator)
-    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_shuffle = torch.argsort(noise.to(device), dim=1)
     if ids_shuffle.shape[0] != batch:
         ids_shuffle = ids_shuffle.expand(batch, length)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -157,8 +157,8 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
     """Draw the masks and build every index map (see module docstring).
 
     text_padding_mask: [B, Lt] (1/True = padding) or None for an image-only forward.
-    The plan is built on `text_padding_mask.device` if given, else on the generator's device, else on
-    `device`.
+    The plan is built on `text_padding_mask.device` if given, else on the image noise's or the
+    generator's device, else on `device`.
     exact_sizes: size packed rows exactly (reads counts on the host); default: only when the plan is
     built on the CPU. False forces the capacity layout with a filler tail (no host sync).
     """
@@ -166,7 +166,9 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
     assert has_image or has_text, "a forward needs an image, a text, or both"
     if has_text:
         dev = text_padding_mask.device
-    elif generator is not None:  # image-only: build where the caller's generator draws
+    elif image_noise is not None:  # image-only: build where the caller's noise (or generator) lives
+        dev = image_noise.device
+    elif generator is not None:
         dev = generator.device
     else:
         dev = torch.device(device if device is not None else "cpu")

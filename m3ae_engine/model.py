@@ -252,6 +252,9 @@ class M3AE(nn.Module):
         """[T, D] encoder rows -> [R, Dd] decoder rows (after the final LayerNorm)."""
         c = self.config
         y = self.decoder_input_projection(x)  # [T, Dd]: project only the visible rows
+        # as the official/MAE code under autocast (concatenating with fp32 mask tokens promotes): the
+        # decoder's residual stream stays in the parameters' dtype, not the autocast dtype
+        y = y.to(torch.promote_types(y.dtype, self.image_mask_embedding.dtype))
         mask_tokens = torch.cat([self.image_mask_embedding.reshape(1, -1), self.text_mask_embedding.reshape(1, -1)])
         types = None
         if c.use_type_embedding:
@@ -334,6 +337,13 @@ class M3AE(nn.Module):
                           image_noise=ident(li) if li else None, text_noise=ident(lt) if lt else None).to(dev)
         x = self.encode(image, text, plan)
         return x.view(b, 1 + li + lt, -1)
+
+    TEXT_ONLY_PREFIXES = ("text_embedding", "encoder_text_type_embedding", "decoder_text_type_embedding",
+                          "text_mask_embedding", "decoder_text_output")
+
+    def text_parameters(self):
+        """Parameters used only by the text path (frozen for image-only MAE training)."""
+        return [p for n, p in self.named_parameters() if n.split(".")[0] in self.TEXT_ONLY_PREFIXES]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

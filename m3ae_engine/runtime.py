@@ -239,6 +239,9 @@ class DeepSpeedRuntime:
     def forward_backward(self, batch, noise, last_micro: bool, nan: bool = False):
         with self.autocast:  # DeepSpeed casts the weights; autocast keeps fp32 inputs and bf16 weights compatible
             out = _forward(self.engine, batch, noise, self.device, self.cfg.unpaired_text_loss_weight)
+        # the loop calls engine.step() once per optimizer step, after all micro-batches: tell DeepSpeed
+        # which backward ends the accumulation (its own count assumes a step() call per micro-batch)
+        self.engine.set_gradient_accumulation_boundary(last_micro)
         self.engine.backward(inject(out.loss, nan))  # DeepSpeed divides by gradient_accumulation_steps
         return out
 

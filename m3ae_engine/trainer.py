@@ -78,13 +78,15 @@ def check_data(cfg: TrainConfig):
     except ImportError:
         raise ConfigError(f"--data {cfg.data}: webdataset loading not available in this build "
                           f"(m3ae_engine.data.build_loader is missing); use --data synthetic") from None
-    for source in cfg.data.split("::"):  # several sources may be joined with '::' (the loader mixes them)
-        if "://" in source or source.startswith("pipe:"):
-            continue  # remote / piped sources: the loader reports its own errors
-        spec = source.split("=", 1)[-1] if re.match(r"^\w+=", source) else source  # "images=PATTERN"
+    for spec in data_sources(cfg.data):
         if not any(Path(p).exists() for p in _expand_braces(spec)):
             raise ConfigError(f"--data: no file matches {spec!r} (missing data path)")
     return build_loader
+
+
+def data_sources(spec: str):
+    """'a/{000..009}.tar::b/*.tar' -> the patterns, read together as one sample set."""
+    return [s for s in spec.split("::") if s]
 
 
 def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int, build_loader=None,
@@ -95,7 +97,7 @@ def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro
                                 seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
                                 rank=info.rank, world_size=info.world_size)
     device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
-    return build_loader(cfg.data, batch_size=micro, image_size=model_config.image_size,
+    return build_loader(data_sources(cfg.data), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
                         world_size=info.world_size, num_workers=cfg.num_workers, device=device,
                         modality="image" if cfg.modality == "image" else "paired")
@@ -212,6 +214,12 @@ def train(cfg: TrainConfig) -> dict:
                           f"{info.world_size}")
     micro = micro_global // info.world_size  # samples per rank per micro-step
     device = pick_device(cfg.device, info)
+    # a named kernel or attention backend that cannot run here fails now, not at the first forward
+    from . import attention as attention_backends, ops
+    if cfg.kernels != "auto":
+        ops.resolve_backend(cfg.kernels, device)
+    if cfg.attention != "auto":
+        attention_backends.resolve_backend(cfg.attention, device)
     if device.type == "cpu" and not info.distributed:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     random.seed(cfg.seed)
@@ -219,6 +227,11 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # same init on every rank: DDP / ZeRO start from identical replicas
     model_config = M3AEConfig.from_preset(cfg.preset, **cfg.model_overrides())
     model = M3AE(model_config)
+    if cfg.modality == "image" and cfg.unpaired_text_data is None:
+        # MAE mode never runs the text path: freeze its parameters so DDP does not wait for their
+        # gradients and AdamW does not decay them
+        for p in model.text_parameters():
+            p.requires_grad_(False)
     n_params = model.num_parameters()  # before ZeRO-3 partitions the weights away
     runtime = build_runtime(model, cfg, info, device)
     if hasattr(runtime, "local_numel"):  # every rank: shows the ZeRO-3 split (and the tests read it)
@@ -249,8 +262,12 @@ def train(cfg: TrainConfig) -> dict:
         if unpaired_data is not None and client.get("unpaired_text_data") is not None:
             unpaired_data.load_state_dict(client["unpaired_text_data"])
         bad_total.fill_(int(client.get("skipped_steps", 0)))
-    if start >= total:
-        raise ConfigError(f"the checkpoint is at step {start}, the run has only {total} steps; raise --steps")
+    if start >= total:  # a preempted job restarted after it finished: nothing to do, not an error
+        if info.is_main:
+            print(f"m3ae-engine: the checkpoint {resume_path} is at step {start} of {total}: the run is complete "
+                  f"(raise --steps to train further)", flush=True)
+        return {"losses": {}, "first": None, "last": None, "step": start, "skipped_steps": int(bad_total),
+                "stopped": "complete", "runtime": runtime}
 
     log = Logger(info.is_main, total, start, cfg.output_dir, cfg.tensorboard)
     if info.is_main:

@@ -91,3 +91,25 @@ def test_zero_two_ranks_match_one(stage, one_rank, tmp_path):
         wa = load_file(str(tmp_path / "run" / "model.safetensors"))
         wb = load_file(str(tmp_path / "resumed" / "model.safetensors"))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_zero2_with_gradient_accumulation_matches_one_rank(one_rank, tmp_path):
+    """2 ranks x 2 micro-steps: DeepSpeed must step once per optimizer step with the averaged gradient
+    (the loop marks the accumulation boundary; DeepSpeed's own count assumes a step() per micro-batch)."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install m3ae-engine[deepspeed])")
+    ds = f"--deepspeed_config={ROOT / 'configs' / 'zero2.json'}"
+    torchrun_2(tmp_path, ds, "--grad-accum=2")
+    assert_matches(one_rank, tmp_path)
+
+
+def test_ddp_mae_mode_two_ranks_match_one(tmp_path):
+    """Image-only (MAE) training under DDP: the unused text parameters are frozen, so DDP's reducer
+    does not wait for them (it raised at the second step before)."""
+    old = os.environ.get("M3AE_INJECT_NAN_STEPS")
+    os.environ["M3AE_INJECT_NAN_STEPS"] = NAN_STEP
+    try:
+        train(TrainConfig(output_dir=str(tmp_path / "one"), modality="image", **ARGS))
+    finally:
+        os.environ.pop("M3AE_INJECT_NAN_STEPS") if old is None else os.environ.update(M3AE_INJECT_NAN_STEPS=old)
+    torchrun_2(tmp_path / "two", "--modality=image")
+    assert_matches(tmp_path / "one", tmp_path / "two")
