@@ -232,3 +232,30 @@ def test_clear_errors_for_bad_inputs():
         m()
     with pytest.raises(TypeError, match="M3AEConfig"):
         M3AE({"preset": "tiny"})
+
+
+def test_image_only_plan_follows_the_noise_device():
+    # MAE mode passes CPU noise to a GPU model: the plan is built where the noise is (meta stands in
+    # for the GPU here: a plan built on it with CPU noise used to fail with a device mismatch)
+    plan = build_plan(2, 16, 4, None, 0, 0, has_image=True, device="meta", image_noise=torch.rand(2, 16))
+    assert plan.enc_row_source.device.type == "cpu" and plan.enc.rows == 2 * 5
+
+
+def test_decoder_residual_stream_keeps_parameter_dtype_under_autocast():
+    c = M3AEConfig.from_preset("tiny")
+    m = M3AE(c)
+    image, text, pad, ni, nt = _batch(c)
+    seen = {}
+    m.decoder[0].register_forward_hook(lambda mod, inp, out: seen.update(dec=inp[0].dtype))
+    m.encoder[0].register_forward_hook(lambda mod, inp, out: seen.update(enc=inp[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(image, text, pad, image_noise=ni, text_noise=nt)
+    assert seen == {"enc": torch.float32, "dec": torch.float32}  # as the official / MAE code under autocast
+    assert torch.isfinite(out.loss)
+
+
+def test_text_parameters_are_the_text_path():
+    m = M3AE(M3AEConfig.from_preset("tiny"))
+    names = {n for n, p in m.named_parameters() if any(p is q for q in m.text_parameters())}
+    assert names == {"text_embedding.weight", "encoder_text_type_embedding", "decoder_text_type_embedding",
+                     "text_mask_embedding", "decoder_text_output.weight", "decoder_text_output.bias"}
