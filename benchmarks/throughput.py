@@ -58,6 +58,7 @@ VARIANTS: Dict[str, dict] = {
     "reference": dict(kind="reference", compile=False),
     "reference+compile": dict(kind="reference", compile=True),
     "engine": dict(kind="engine", overrides={}),
+    "engine+compile": dict(kind="engine", overrides={"compile_blocks": True}),
     "engine-no-fused-kernels": dict(kind="engine", overrides={"kernels": "torch"}),
     "engine-padded": dict(kind="engine", overrides={"packed": False}),
     "engine-sdpa": dict(kind="engine", overrides={"attention": "sdpa"}),

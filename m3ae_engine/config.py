@@ -64,6 +64,7 @@ class M3AEConfig:
     kernels: str = "auto"  # "auto" | "torch" | "triton" | "cuda"  (see m3ae_engine.ops)
     attention: str = "auto"  # see m3ae_engine.attention.available_backends()
     packed: bool = True  # run encoder/decoder on packed (varlen) sequences; False = padded + mask
+    compile_blocks: bool = False  # torch.compile the attention-free halves of each block (dynamic T)
     preset: str = field(default="", repr=False)
 
     def __post_init__(self):

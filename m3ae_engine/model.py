@@ -58,19 +58,58 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block on packed rows [T, D]."""
+def _block_pre(x, ln_w, ln_b, eps: float, qkv_w, qkv_b):
+    """LayerNorm + qkv projection: [T, D] -> [T, 3D]."""
+    return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), qkv_w, qkv_b)
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, eps: float, gelu: str):
+
+def _block_post(x, attn, proj_w, proj_b, ln_w, ln_b, eps: float, fc1_w, fc1_b, fc2_w, fc2_b, approximate: str):
+    """Attention projection + residual, then LayerNorm + MLP + residual: the element-wise work between
+    the matmuls is what torch.compile fuses (bias + GELU + cast, LayerNorm + cast, residual adds)."""
+    x = x + F.linear(attn, proj_w, proj_b)
+    h = F.gelu(F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), fc1_w, fc1_b), approximate=approximate)
+    return x + F.linear(h, fc2_w, fc2_b)
+
+
+_COMPILED = {}
+
+
+def _compiled(fn):
+    """One compiled graph per function, shared by every block (parameters are inputs; T is dynamic,
+    so exact packed sizes that change each step do not recompile)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block on packed rows [T, D].
+
+    `compiled=True` runs the two attention-free halves through torch.compile (attention itself stays
+    the chosen varlen kernel); same math, fewer memory passes."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, eps: float, gelu: str, compiled: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, dim * mlp_ratio, gelu)
+        self.compiled = compiled
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.compiled:
+            return self._forward_compiled(x, ctx)
         x = x + self.attn(self.norm1(x), ctx)
         return x + self.mlp(self.norm2(x))
+
+    def _forward_compiled(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        t, d = x.shape  # [T, D]
+        a, m = self.attn, self.mlp
+        qkv = _compiled(_block_pre)(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, a.qkv.weight, a.qkv.bias)
+        out = attention(qkv.view(t, 3, a.num_heads, d // a.num_heads), ctx).reshape(t, d)  # [T, D]
+        return _compiled(_block_post)(x, out, a.proj.weight, a.proj.bias, self.norm2.weight, self.norm2.bias,
+                                      self.norm2.eps, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias,
+                                      m.approximate)
 
 
 @dataclass
@@ -114,12 +153,12 @@ class M3AE(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.image_mask_embedding = nn.Parameter(torch.zeros(1, 1, dd))
         self.text_mask_embedding = nn.Parameter(torch.zeros(1, 1, dd))
-        self.encoder = nn.ModuleList(Block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, c.gelu)
+        self.encoder = nn.ModuleList(Block(d, c.num_heads, c.mlp_ratio, c.layer_norm_eps, c.gelu, c.compile_blocks)
                                      for _ in range(c.depth))
         self.encoder_norm = nn.LayerNorm(d, eps=c.layer_norm_eps)
         self.decoder_input_projection = nn.Linear(d, dd)
-        self.decoder = nn.ModuleList(Block(dd, c.dec_num_heads, c.mlp_ratio, c.layer_norm_eps, c.gelu)
-                                     for _ in range(c.dec_depth))
+        self.decoder = nn.ModuleList(Block(dd, c.dec_num_heads, c.mlp_ratio, c.layer_norm_eps, c.gelu,
+                                           c.compile_blocks) for _ in range(c.dec_depth))
         self.decoder_norm = nn.LayerNorm(dd, eps=c.layer_norm_eps)
         self.decoder_image_output = nn.Linear(dd, c.patch_dim)
         self.decoder_text_output = nn.Linear(dd, c.vocab_size)

@@ -212,6 +212,10 @@ class DeepSpeedRuntime:
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.ds_config = prepare_ds_config(cfg.deepspeed_config, cfg, info, device)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        if self.zero_stage == 3 and getattr(model.config, "compile_blocks", False):
+            # the compiled block reads its sub-modules' weights without calling them, and ZeRO-3 gathers
+            # a module's partitioned weights only in that module's forward hooks
+            raise ConfigError("compile_blocks is not supported with ZeRO-3; use ZeRO-1/2 or compile_blocks: false")
         model.__class__ = _TupleOutputM3AE  # same parameters and state_dict keys, tuple output
         model = model.to(device)
         groups = model.param_groups(cfg.weight_decay)

@@ -33,6 +33,7 @@ class TrainConfig:
     norm_pix_loss: bool = False
     kernels: str = "auto"  # auto | torch | triton | cuda
     attention: str = "auto"
+    compile_blocks: bool = False  # torch.compile the attention-free halves of each block (not with ZeRO-3)
     # data
     data: str = "synthetic"  # "synthetic" or a WebDataset shard pattern (needs m3ae_engine.data.build_loader)
     modality: str = "paired"  # paired (M3AE) | image (MAE mode: image-only forwards; shards need no captions)
@@ -101,7 +102,7 @@ class TrainConfig:
         return dict(image_mask_ratio=self.image_mask_ratio, text_mask_ratio=self.text_mask_ratio,
                     mask_sharing=self.mask_sharing, image_loss_weight=self.image_loss_weight,
                     text_loss_weight=self.text_loss_weight, norm_pix_loss=self.norm_pix_loss,
-                    kernels=self.kernels, attention=self.attention)
+                    kernels=self.kernels, attention=self.attention, compile_blocks=self.compile_blocks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -214,6 +215,7 @@ HELP = {
     "image_loss_weight": "weight of the pixel MSE term", "text_loss_weight": "weight of the word CE term (paper 0.5)",
     "norm_pix_loss": "true: MAE's per-patch normalised pixel target",
     "kernels": "auto | torch | triton | cuda", "attention": "attention backend (auto picks the fastest)",
+    "compile_blocks": "true: torch.compile the element-wise work of each block (LayerNorm, GELU, residuals); not with ZeRO-3",
     "data": "synthetic, or WebDataset shards 'dir/{00000..00099}.tar' (several joined with ::)",
     "modality": "paired (M3AE) | image (MAE mode: image-only forwards on image shards or synthetic images)",
     "unpaired_text_data": "unpaired text (official): synthetic, or text files / text shards; each step adds a text-only forward",
