@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from m3ae_engine import M3AE, M3AEConfig  # noqa: E402
-from m3ae_engine.flops import m3ae_flops  # noqa: E402
+from m3ae_engine.flops import device_peak_tflops, m3ae_flops  # noqa: E402
 from m3ae_engine.optim import build_optimizer  # noqa: E402
 from reference_model import ReferenceM3AE  # noqa: E402
 import report  # noqa: E402
@@ -63,12 +63,6 @@ VARIANTS: Dict[str, dict] = {
     "engine-padded": dict(kind="engine", overrides={"packed": False}),
     "engine-sdpa": dict(kind="engine", overrides={"attention": "sdpa"}),
 }
-
-# bf16 dense tensor-core peak, TFLOP/s (vendor datasheets, no sparsity). First match of the device name wins.
-BF16_PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.4), ("H200", 989.4), ("H100", 989.4),
-    ("H800", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-]
 
 # Caption lengths (BERT WordPiece tokens) of CC12M-like alt-text: lognormal, median 14, sigma 0.6,
 # rounded and clipped to [3, text_length]. Mean ~16.7 tokens at text_length 64 (printed per run).
@@ -154,13 +148,6 @@ def environment(device: torch.device) -> dict:
         env["device"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         env["driver"] = None
     return env
-
-
-def device_peak_tflops(name: str) -> Optional[float]:
-    for key, peak in BF16_PEAK_TFLOPS:
-        if key.lower() in name.lower():
-            return peak
-    return None
 
 
 def measure_matmul_tflops(device: torch.device) -> dict:

@@ -104,3 +104,20 @@ def m3ae_flops(config: M3AEConfig, text_lengths: Lengths = None, *, has_image: b
         parts["total"] = total
         return parts
     return total
+
+
+# bf16 dense tensor-core peak, TFLOP/s (vendor datasheets, no sparsity): the MFU denominator that
+# DESIGN.md asks for. First match of the device name wins, so the specific names come first.
+BF16_PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.4), ("H200", 989.4), ("H100", 989.4),
+    ("H800", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+]
+
+
+def device_peak_tflops(name: str) -> Optional[float]:
+    """bf16 dense peak of a GPU named `name` (torch.cuda.get_device_name), or None if unknown."""
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return peak
+    return None
+

@@ -1,5 +1,5 @@
 """Rank-0 logging: a tqdm bar, a JSONL metrics file, TensorBoard scalars (when tensorboard is installed),
-and the optional MFU estimate (when m3ae_engine.flops exists). Other ranks get a logger that does nothing."""
+and the MFU estimate (m3ae_engine.flops). Other ranks get a logger that does nothing."""
 from __future__ import annotations
 
 import json
@@ -10,30 +10,21 @@ from typing import Optional
 
 import torch
 
-# bf16 dense peak FLOP/s by device name substring (the MFU denominator, as DESIGN.md asks)
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
-
+from .flops import device_peak_tflops, m3ae_flops
 
 def peak_flops(device: torch.device) -> Optional[float]:
+    """bf16 dense peak FLOP/s of the training GPU (the MFU denominator), None off the GPU or if unknown."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = device_peak_tflops(torch.cuda.get_device_name(device))
+    return None if peak is None else peak * 1e12
 
 
 def flops_per_sample_fn(model_config):
-    """m3ae_flops from the flops module if this build has it, else None (then no MFU is shown)."""
-    try:
-        from .flops import m3ae_flops
-    except Exception:
-        return None
-
-    def per_sample(text_padding_mask: torch.Tensor) -> Optional[float]:
-        try:
-            lengths = (1 - text_padding_mask.long()).sum(1)
-            return float(m3ae_flops(model_config, lengths, training=True))
-        except Exception:
-            return None
+    """Model FLOPs of one training sample from the batch's text padding mask (m3ae_engine.flops)."""
+    def per_sample(text_padding_mask: torch.Tensor) -> float:
+        lengths = (1 - text_padding_mask.long()).sum(1)
+        return float(m3ae_flops(model_config, lengths, training=True))
     return per_sample
 
 
