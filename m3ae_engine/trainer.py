@@ -58,15 +58,15 @@ class MaskNoise:
         return rows[:, :self.li], rows[:, self.li:]
 
 
-def _expand_braces(pattern: str):
-    """'a/{000..003}.tar' -> the four names (WebDataset's range syntax), then shell globs."""
+def _require_files(spec: str, flag: str) -> None:
+    """A data pattern that matches no file at all is a config error, raised before any work (the
+    loader itself then names any single missing or unreadable shard)."""
     import glob
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if m:
-        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
-        return [n for i in range(lo, hi + 1)
-                for n in _expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
-    return glob.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
+    from .data.sources import expand_braces
+    for pattern in expand_braces(spec):
+        if glob.glob(pattern) if any(c in pattern for c in "*?[") else Path(pattern).exists():
+            return
+    raise ConfigError(f"{flag}: no file matches {spec!r} (missing data path)")
 
 
 def check_data(cfg: TrainConfig):
@@ -79,8 +79,7 @@ def check_data(cfg: TrainConfig):
         raise ConfigError(f"--data {cfg.data}: webdataset loading not available in this build "
                           f"(m3ae_engine.data.build_loader is missing); use --data synthetic") from None
     for spec in data_sources(cfg.data):
-        if not any(Path(p).exists() for p in _expand_braces(spec)):
-            raise ConfigError(f"--data: no file matches {spec!r} (missing data path)")
+        _require_files(spec, "--data")
     return build_loader
 
 
@@ -115,8 +114,7 @@ def build_unpaired_text(cfg: TrainConfig, model_config: M3AEConfig, info: DistIn
     from .data import build_loader
     sources = [p for p in re.split(r"::|,", cfg.unpaired_text_data) if p]
     for spec in sources:
-        if not any(Path(p).exists() for p in _expand_braces(spec)):
-            raise ConfigError(f"--unpaired-text-data: no file matches {spec!r} (missing data path)")
+        _require_files(spec, "--unpaired-text-data")
     return build_loader(sources, batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed + UNPAIRED_SEED_OFFSET,
                         rank=info.rank, world_size=info.world_size, modality="text")

@@ -25,6 +25,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..data.sources import expand_braces  # WebDataset brace ranges and {a,b} alternatives
 from ..reference import patchify, unpatchify
 from .features import IMAGE_EXTENSIONS, add_model_args, load_image, model_from_args
 
@@ -32,24 +33,6 @@ CAPTION_EXTENSIONS = (".txt", ".caption")
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def expand_braces(pattern: str) -> List[str]:
-    """'a/{000..002}.tar' -> ['a/000.tar', 'a/001.tar', 'a/002.tar'] (WebDataset style), and {x,y}."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        a, b = rng.group(1), rng.group(2)
-        items = [str(i).zfill(len(a)) for i in range(int(a), int(b) + 1)]
-    else:
-        items = body.split(",")
-    out = []
-    for it in items:
-        out += expand_braces(pattern[:m.start()] + it + pattern[m.end():])
-    return out
-
-
 def samples_from_shards(pattern: str, n: int, image_size: int) -> List[Tuple[torch.Tensor, Optional[str]]]:
     paths = []
     for part in pattern.split(","):
