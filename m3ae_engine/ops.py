@@ -162,16 +162,16 @@ def linear_cross_entropy(hidden, weight, bias, targets, row_weight, backend=None
 
     Under autocast the matmul operands are cast to the autocast dtype here (as F.linear would) and the
     op runs with autocast off, so fused backends see one consistent dtype and keep their fp32 buffers.
+    Outside autocast, mixed hidden/weight dtypes are each backend's business (the Triton kernel casts
+    the weight to the activations' dtype; the torch and CUDA paths take them as they are).
     """
     impl = get_backend(backend, hidden.device, "linear_cross_entropy")
     dev_type = hidden.device.type
-    if torch.is_autocast_enabled(dev_type) if hasattr(torch, "is_autocast_enabled") else False:
+    if torch.is_autocast_enabled(dev_type):
         dtype = torch.get_autocast_dtype(dev_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         with torch.autocast(dev_type, enabled=False):
             return impl.linear_cross_entropy(hidden, weight, bias, targets, row_weight)
-    if weight.is_floating_point() and hidden.is_floating_point() and weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)  # one matmul dtype: the activations' (fp32 master weights stay)
     return impl.linear_cross_entropy(hidden, weight, bias, targets, row_weight)
 
 
