@@ -31,7 +31,7 @@ import functools
 import inspect
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -200,6 +200,12 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def _half_dtype(device_type: str) -> torch.dtype:
+    """The dtype a half-precision-only kernel gets fp32 inputs in: the autocast dtype, else bf16."""
+    low = _autocast_dtype(device_type)
+    return low if low in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 def resolve_backend(backend: Optional[str] = None, device=None, dtype: Optional[torch.dtype] = None,
@@ -448,8 +454,7 @@ def _run(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, backend: 
         raise ValueError(problem + "; use backend 'sdpa_efficient', 'sdpa' or 'math'")
     in_dtype = qkv.dtype
     if name in HALF_ONLY and in_dtype not in (torch.float16, torch.bfloat16):
-        low = _autocast_dtype(qkv.device.type)
-        qkv = qkv.to(low if low in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        qkv = qkv.to(_half_dtype(qkv.device.type))
     if cu_seqlens.dtype != torch.int32 and name != "math":
         cu_seqlens = cu_seqlens.to(torch.int32)  # the kernels index with int32
     rows = qkv.shape[0]
@@ -501,6 +506,7 @@ class AttentionContext:
     layout: SequenceLayout
     backend: str  # resolved for the device (the name full-precision inputs would use may differ)
     requested: Optional[str] = None  # None = auto / env
+    _resolved: Dict[tuple, str] = field(default_factory=dict, repr=False)  # per (dtype, head dim, autocast)
 
     @classmethod
     def build(cls, layout: SequenceLayout, backend: Optional[str], device) -> "AttentionContext":
@@ -516,9 +522,12 @@ class AttentionContext:
 
     def backend_for(self, dtype: torch.dtype, head_dim: Optional[int] = None) -> str:
         """Auto re-resolves per dtype: fp32 without autocast avoids half-only kernels, fp64 gets math."""
-        if self.requested is None:
-            return resolve_backend(None, self.layout.cu_seqlens.device, dtype, head_dim)  # cached probes
-        return self.backend
+        if self.requested is not None:
+            return self.backend
+        key = (dtype, head_dim, _autocast_dtype("cuda"))  # every block of a stack asks the same question
+        if key not in self._resolved:
+            self._resolved[key] = resolve_backend(None, self.layout.cu_seqlens.device, dtype, head_dim)
+        return self._resolved[key]
 
 
 def attention(qkv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -537,8 +546,7 @@ def attention(qkv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         attn_mask = None if lay.key_padding_mask is None else ~lay.key_padding_mask[:, None, None, :]
         in_dtype = q.dtype
         if name in HALF_ONLY and in_dtype not in (torch.float16, torch.bfloat16):
-            low = _autocast_dtype(q.device.type) or torch.bfloat16
-            q, k, v = (t.to(low) for t in (q, k, v))
+            q, k, v = (t.to(_half_dtype(q.device.type)) for t in (q, k, v))
         # varlen kernels cannot express an arbitrary key mask: they map to SDPA's fused kernels here
         kernels = name if name in ("sdpa_cudnn", "sdpa_efficient") else "sdpa"
         with _sdpa_kernels(kernels, q.device.type):
