@@ -77,7 +77,7 @@ def _losses(out):
     return out if isinstance(out, tuple) else (out.loss, out.image_loss, out.text_loss)
 
 
-def _forward(model, batch, noise, device, unpaired_weight: float = 0.0):
+def forward_micro_batch(model, batch, noise, device, unpaired_weight: float = 0.0):
     """One micro-batch: the paired (or image-only) forward, plus the official unpaired text term
     (`batch["unpaired_text"]`, a text-only forward weighted by `unpaired_weight`) when present."""
     image_noise, text_noise = noise
@@ -124,7 +124,7 @@ class PlainRuntime:
         sync = contextlib.nullcontext() if last_micro or not self.info.distributed else self.model.no_sync()
         with sync:
             with self.autocast:
-                out = _forward(self.model, batch, noise, self.device, self.cfg.unpaired_text_loss_weight)
+                out = forward_micro_batch(self.model, batch, noise, self.device, self.cfg.unpaired_text_loss_weight)
             (inject(out.loss, nan) / self.cfg.grad_accum).backward()
         return out
 
@@ -242,7 +242,7 @@ class DeepSpeedRuntime:
 
     def forward_backward(self, batch, noise, last_micro: bool, nan: bool = False):
         with self.autocast:  # DeepSpeed casts the weights; autocast keeps fp32 inputs and bf16 weights compatible
-            out = _forward(self.engine, batch, noise, self.device, self.cfg.unpaired_text_loss_weight)
+            out = forward_micro_batch(self.engine, batch, noise, self.device, self.cfg.unpaired_text_loss_weight)
         # the loop calls engine.step() once per optimizer step, after all micro-batches: tell DeepSpeed
         # which backward ends the accumulation (its own count assumes a step() call per micro-batch)
         self.engine.set_gradient_accumulation_boundary(last_micro)

@@ -18,7 +18,6 @@ import re
 import signal
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -30,7 +29,7 @@ from .config import ConfigError, M3AEConfig
 from .logging_utils import Logger, flops_per_sample_fn, memory_gb, peak_flops
 from .model import M3AE
 from .optim import warmup_cosine
-from .runtime import DistInfo, build_runtime, dist_from_env, pick_device
+from .runtime import DistInfo, build_runtime, dist_from_env, forward_micro_batch, pick_device
 from .train_config import TrainConfig
 
 UNPAIRED_SEED_OFFSET = 7_777_777  # unpaired text draws its own captions and masks
@@ -189,14 +188,9 @@ def evaluate(runtime, cfg, model_config, info, micro, device) -> dict:
     for i in range(cfg.eval_batches):
         with runtime.autocast:
             b = data.batch_at(i)
-            image_noise, text_noise = noise(i, 0, info.rank, info.world_size, micro)
-            if cfg.modality == "image":  # MAE mode: the held-out loss of the image-only forward
-                out = model(b["image"].to(device), image_noise=image_noise)
-            else:
-                out = model(b["image"].to(device), b["text"], b["text_padding_mask"],
-                            image_noise=image_noise, text_noise=text_noise)
-        if isinstance(out, tuple):  # the DeepSpeed runtime's model returns (loss, image_loss, text_loss)
-            out = SimpleNamespace(loss=out[0], image_loss=out[1], text_loss=out[2])
+            # the training forward (image-only in MAE mode; any runtime's output), without the unpaired term
+            out = forward_micro_batch(model, micro_batch(b, cfg.modality, None, None),
+                                      noise(i, 0, info.rank, info.world_size, micro), device)
         total += _loss_vector(out).to(device)
     total = _all_reduce(total) / (cfg.eval_batches * info.world_size)
     loss, img, txt = total.tolist()
