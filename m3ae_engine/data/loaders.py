@@ -22,9 +22,11 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..config import CC12M_MEAN, CC12M_STD
+from ..reference import normalize_image
 from .order import RankOrder
 from .sources import DataError, Reader, build_table, expand_sources, read_text_lines
-from .transforms import (RATIO, SCALE, augment_gpu, augment_pil, decode_pil, jpeg_components, normalise,
+from .transforms import (RATIO, SCALE, augment_gpu, augment_pil, decode_pil, jpeg_components,
                          sample_params)
 
 MAX_WARNINGS = 20
@@ -129,8 +131,8 @@ class _ShardLoaderBase:
         img = batch["image"]
         if img.device != self.device:
             img = img.to(self.device, non_blocking=True)
-        if self.normalize:
-            img = normalise(img)
+        if self.normalize:  # the model's own normalisation (cached per-device constants: no stream wait)
+            img = normalize_image(img, CC12M_MEAN, CC12M_STD)
         batch["image"] = img
         batch["decoder"] = self.decoder
         return batch

@@ -14,7 +14,6 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..config import CC12M_MEAN, CC12M_STD
 
 SCALE = (0.2, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -89,13 +88,6 @@ def augment_gpu(images: Sequence[torch.Tensor], size: int, boxes, flips) -> torc
             x = x.flip(-1)
         out.append(x)
     return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def normalise(image: torch.Tensor, mean=CC12M_MEAN, std=CC12M_STD, dtype=torch.float32) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float (x/255 - mean) / std, on the image's device."""
-    m = torch.tensor(mean, device=image.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, device=image.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    return ((image.float() - m) / s).to(dtype)
 
 
 def is_jpeg(data: bytes) -> bool:

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..data.sources import expand_braces  # WebDataset brace ranges and {a,b} alternatives
-from ..reference import patchify, unpatchify
+from ..reference import normalize_image, patchify, unpatchify
 from .features import IMAGE_EXTENSIONS, add_model_args, load_image, model_from_args
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -122,7 +122,7 @@ def reconstruct(model, images: torch.Tensor, captions: Optional[List[str]] = Non
     gen = torch.Generator(device="cpu" if text is not None else dev).manual_seed(seed)
     out = model(images.to(dev), text, pad, generator=gen, return_text_logits=captions is not None)
     mean, std = c.image_mean, c.image_std
-    norm = (images.float() / 255.0 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    norm = normalize_image(images, mean, std)  # the model's own normalisation
     target = patchify(norm, c.patch_size)  # [B, L, P]
     pred = out.image_prediction_full().float().cpu()  # [B, L, P], zeros at visible patches
     if c.norm_pix_loss:  # predictions are per-patch normalised: undo with the true patch statistics
