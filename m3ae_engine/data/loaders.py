@@ -304,9 +304,8 @@ class NvJpegLoader(_ShardLoaderBase):
     def _gpu_batch(self, hb: Dict, step: int) -> Dict:
         bad: List = []
         dec = self._decode(hb["data"], hb["key"], bad)
+        donors = _fill_corrupt(dec, hb["key"], f"batch {step}")  # the same policy as the Pillow loader
         ok = [i for i, t in enumerate(dec) if t is not None]
-        if not ok:
-            raise DataError(f"no decodable image in a whole batch (batch {step}; first keys {hb['key'][:3]})")
         boxes, flips = [], []
         for i in ok:
             _, h, w = dec[i].shape
@@ -314,21 +313,21 @@ class NvJpegLoader(_ShardLoaderBase):
                                     self.random_crop, self.flip)
             boxes.append(box)
             flips.append(fl)
-        imgs = augment_gpu([dec[i] for i in ok], self.image_size, boxes, flips)
-        donors = list(range(len(dec)))
-        if len(ok) < len(dec):  # fill corrupt slots with other samples of the batch, their text included
-            row = {i: r for r, i in enumerate(ok)}  # the k-th bad slot takes the (k mod #ok)-th good sample
-            bad_slots = [n for n in range(len(dec)) if n not in row]
-            fill = [row[n] if n in row else bad_slots.index(n) % len(ok) for n in range(len(dec))]
-            imgs = imgs[torch.tensor(fill, device=imgs.device)]
-            donors = [ok[f] for f in fill]  # batch index of the sample each slot now holds
-        out = {"image": imgs, "key": [hb["key"][d] for d in donors], "corrupt": bad}
-        index = torch.tensor(donors)
-        for k in ("text", "text_padding_mask"):
+        imgs = augment_gpu([dec[i] for i in ok], self.image_size, boxes, flips)  # [len(ok), 3, S, S]
+        out = {"image": imgs, "key": hb["key"], "corrupt": bad}
+        for k in ("text", "text_padding_mask", "caption"):
             if k in hb:
-                out[k] = hb[k][index]
-        if "caption" in hb:
-            out["caption"] = [hb["caption"][d] for d in donors]
+                out[k] = hb[k]
+        if len(ok) < len(dec):  # corrupt slots take a donor's image AND its text, caption and key
+            row = {i: r for r, i in enumerate(ok)}
+            out["image"] = imgs[torch.tensor([row[d] for d in donors], device=imgs.device)]
+            index = torch.tensor(donors)
+            for k in ("text", "text_padding_mask"):
+                if k in out:
+                    out[k] = out[k][index]
+            for k in ("key", "caption"):
+                if k in out:
+                    out[k] = [out[k][d] for d in donors]
         return out
 
     def __iter__(self) -> Iterator[Dict]:
