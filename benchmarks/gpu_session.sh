@@ -8,6 +8,7 @@
 # takes > 2 minutes, so `large` gives it its own time budget.
 set -uo pipefail
 PART=${1:-large}
+rc=0  # any failing step (tests, sanitizer, benchmark) makes the script exit non-zero
 R=/tmp/m3ae-results; mkdir -p "$R"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export M3AE_GIT_COMMIT=${M3AE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -20,20 +21,23 @@ build() {  # the CUDA extension for this GPU only (about 40 s)
 }
 
 case "$PART" in
-  build) build ;;
-  tests) build && timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$R/pytest_gpu.log" | tail -15
-         compute-sanitizer --tool memcheck python3 benchmarks/sanitize_cuda.py 2>&1 | tail -3
-         compute-sanitizer --tool racecheck python3 benchmarks/sanitize_cuda.py 2>&1 | tail -3 ;;
-  large) build && timeout 500 python3 benchmarks/throughput.py --preset large --batch-size 256 --steps 10 --warmup 3 \
-           --time-limit 420 --out-dir "$R" 2>&1 | tail -14 ;;
-  base) build && timeout 300 python3 benchmarks/throughput.py --preset base --batch-size 256 --steps 10 --warmup 3 \
-           --time-limit 240 --out-dir "$R" 2>&1 | tail -14 ;;
-  maxbatch) build && timeout 500 python3 benchmarks/throughput.py --preset large --max-batch \
-           --variants reference,engine,engine-padded --steps 5 --warmup 2 --time-limit 420 --out-dir "$R" 2>&1 | tail -10 ;;
-  kernels) build && timeout 200 python3 benchmarks/bench_cuda_kernels.py --out "$R" 2>&1 | tail -26
-           timeout 200 python3 benchmarks/kernels.py --presets large --dtypes bf16 --out "$R/kernels.json" 2>&1 | tail -12
-           python3 benchmarks/smoke_gpu.py --preset large --batch-size 256 --steps 6 --profile --rows 30 > "$R/profile.txt" 2>&1
+  build) build || rc=1 ;;
+  tests) build || rc=1
+         timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$R/pytest_gpu.log" | tail -15 || rc=1
+         compute-sanitizer --error-exitcode 1 --tool memcheck python3 benchmarks/sanitize_cuda.py 2>&1 | tail -3 || rc=1
+         compute-sanitizer --error-exitcode 1 --tool racecheck python3 benchmarks/sanitize_cuda.py 2>&1 | tail -3 || rc=1 ;;
+  large) { build && timeout 500 python3 benchmarks/throughput.py --preset large --batch-size 256 --steps 10 --warmup 3 \
+           --time-limit 420 --out-dir "$R" 2>&1 | tail -14; } || rc=1 ;;
+  base) { build && timeout 300 python3 benchmarks/throughput.py --preset base --batch-size 256 --steps 10 --warmup 3 \
+           --time-limit 240 --out-dir "$R" 2>&1 | tail -14; } || rc=1 ;;
+  maxbatch) { build && timeout 500 python3 benchmarks/throughput.py --preset large --max-batch \
+           --variants reference,engine,engine-padded --steps 5 --warmup 2 --time-limit 420 --out-dir "$R" 2>&1 | tail -10; } || rc=1 ;;
+  kernels) build || rc=1
+           timeout 200 python3 benchmarks/bench_cuda_kernels.py --out "$R" 2>&1 | tail -26 || rc=1
+           timeout 200 python3 benchmarks/kernels.py --presets large --dtypes bf16 --out "$R/kernels.json" 2>&1 | tail -12 || rc=1
+           python3 benchmarks/smoke_gpu.py --preset large --batch-size 256 --steps 6 --profile --rows 30 > "$R/profile.txt" 2>&1 || rc=1
            head -45 "$R/profile.txt" | cut -c1-170 ;;
   *) echo "unknown part $PART (build | tests | large | base | maxbatch | kernels)"; exit 2 ;;
 esac
 tar czf "${OUT:-/tmp}/results.tgz" -C "$R" .
+exit $rc
