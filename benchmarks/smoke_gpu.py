@@ -4,6 +4,7 @@ with --profile, a torch.profiler table of two steps (top kernels by CUDA time, t
 python benchmarks/smoke_gpu.py [--preset large] [--batch-size 64] [--steps 10] [--profile]
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def main():
         out = step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    ms = sorted(times[2:])[len(times[2:]) // 2] * 1e3
+    ms = statistics.median(times[2:] or times) * 1e3  # the first two steps warm up (when there are more)
     print(f"{a.preset} B={B} kernels={a.kernels} attention={a.attention}: loss {out.loss.item():.4f} "
           f"step {ms:.1f} ms = {B / ms * 1e3:.0f} samples/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if a.profile:

@@ -242,9 +242,6 @@ class Runner:
         from m3ae_engine import attention, ops
         c, device = self.config, self.device
         attn = attention.resolve_backend(None if c.attention == "auto" else c.attention, device)
-        varlen = getattr(attention, "_VARLEN_IMPLS", None)
-        if c.packed and attn != "math" and varlen is not None and attn not in varlen:
-            attn += " (no varlen implementation registered: math fallback)"  # say what really runs
         choice = None if c.kernels == "auto" else c.kernels
         per_op = {op: ops.resolve_backend(choice, device, op)
                   for op in ("gather", "unshuffle", "masked_mse", "linear_cross_entropy")}
@@ -377,7 +374,6 @@ def run_variant(name: str, args, base: M3AEConfig, init_state: dict, device: tor
     finally:
         res["variant_seconds"] = round(time.perf_counter() - t0, 1)
         del runner
-        batches = None
         if VARIANTS[name].get("compile"):
             torch._dynamo.reset()  # drop compiled graphs (and what they hold) before the next variant
         free_memory(device)
@@ -441,11 +437,7 @@ def parse_args(argv=None):
 
 
 def _dali_batches(args, config: M3AEConfig, device):
-    from m3ae_engine import data
-    loader = getattr(data, "build_loader", None)
-    if loader is None:
-        raise SystemExit("error: --data dali needs a loader in m3ae_engine.data (build_loader); this build has "
-                         "none. Use --data synthetic.")
+    from m3ae_engine.data import build_loader as loader
     if not args.data_path:
         raise SystemExit("error: --data dali needs --data-path (WebDataset shards)")
     it = loader(args.data_path, batch_size=args.batch_size, image_size=config.image_size,
