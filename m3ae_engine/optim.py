@@ -16,7 +16,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float
     """optax.warmup_cosine_decay_schedule: linear init->peak over warmup, cosine peak->end until total."""
     if warmup_steps > 0 and step < warmup_steps:
         return init_lr + (peak_lr - init_lr) * step / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
+    decay_steps = max(total_steps - warmup_steps, 1e-8)  # float steps (epochs) work too
     t = min(max(step - warmup_steps, 0), decay_steps) / decay_steps
     return end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..optim import warmup_cosine
 from .features import ImageFolder, add_model_args, cached_features, checkpoint_fingerprint, model_from_args
 
 
@@ -59,11 +59,9 @@ class LARS(torch.optim.Optimizer):
 
 
 def lr_at(epoch: float, lr: float, warmup_epochs: float, epochs: int, min_lr: float = 0.0) -> float:
-    """MAE util/lr_sched.adjust_learning_rate: linear warmup, then half-cycle cosine (per step)."""
-    if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    t = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+    """MAE util/lr_sched.adjust_learning_rate: linear warmup, then half-cycle cosine (per step); the
+    same schedule as pretraining, in epochs."""
+    return warmup_cosine(epoch, epochs, warmup_epochs, lr, end_lr=min_lr)
 
 
 def make_head(dim: int, num_classes: int) -> nn.Sequential:
