@@ -13,6 +13,7 @@ grad_pred = grad * row_weight * 2 / P * (pred - target); no other input gets a g
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -138,6 +139,19 @@ masked_mse_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # drop-in
 # ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _stats_on(mean: tuple, std: tuple, device: str) -> torch.Tensor:
+    return torch.tensor([mean, std], dtype=torch.float32).to(device)
+
+
+def _stats(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
+    """[2, C] mean/std on the device, cached: a tensor built from Python lists on a GPU is a pageable
+    host-to-device copy that waits for the stream, once per training step."""
+    if torch.compiler.is_compiling():  # traced: a constant in the graph
+        return torch.tensor([mean, std], dtype=torch.float32, device=device)
+    return _stats_on(mean, std, str(device))
+
+
 def masked_mse(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor, row_weight: torch.Tensor,
                patch_size: int, norm_pix_loss: bool = False, mean: Optional[Sequence[float]] = None,
                std: Optional[Sequence[float]] = None) -> torch.Tensor:
@@ -167,5 +181,5 @@ def masked_mse(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor
     if imgs.dtype == torch.uint8:
         check(mean is not None and std is not None, f"{_OP}: uint8 images need mean and std")
         check(len(mean) == c and len(std) == c, f"{_OP}: mean and std need {c} values, got {len(mean)} and {len(std)}")
-        stats = torch.tensor([list(mean), list(std)], dtype=torch.float32, device=pred.device)  # [2, C]
+        stats = _stats(tuple(map(float, mean)), tuple(map(float, std)), pred.device)  # [2, C]
     return masked_mse_op(pred, imgs, patch_index, row_weight.float(), stats, patch_size, norm_pix_loss)
