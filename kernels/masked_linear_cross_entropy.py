@@ -95,10 +95,11 @@ def _forward(hidden, weight, bias, targets, row_weight, need_h, need_w, need_b, 
     # over 8 warps keeps 16 values a thread in registers
     block_v = min(triton.next_power_of_2(max(v, 1)), max(16, (1 << 15) // rows_per_prog) if interpreting() else 4096)
     w_t = weight.t()  # [D, V] view
+    bias_c = bias.to(hidden.dtype) if bias is not None else None  # cast once, not once per chunk
     for s in range(0, n, c):
         e = min(n, s + c)
         h = hidden[s:e]  # [c, D]
-        logits = torch.addmm(bias.to(h.dtype), h, w_t) if bias is not None else torch.mm(h, w_t)  # [c, V]
+        logits = torch.addmm(bias_c, h, w_t) if bias_c is not None else torch.mm(h, w_t)  # [c, V]
         _ce_chunk_kernel[(triton.cdiv(e - s, rows_per_prog),)](
             logits, targets[s:e], row_weight[s:e], loss_rows[s:e], correct_rows[s:e], e - s, v, logits.stride(0),
             WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v, num_warps=8)
