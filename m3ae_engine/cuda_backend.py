@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import ops
+from .masking import _scatter_rows
 
 try:  # the compiled extension is optional (no nvcc at install time, or M3AE_BUILD_CUDA=0)
     from . import _C  # type: ignore[attr-defined]
@@ -74,12 +75,8 @@ def _i32(t: torch.Tensor) -> torch.Tensor:
 
 def _inverse_map(codes: torch.Tensor, lo: int, n: int) -> torch.Tensor:
     """inv[i] = row r with codes[r] == lo + i, else -1 (int32 [n]); computed without a host sync."""
-    codes = codes.long()
-    sel = (codes >= lo) & (codes < lo + n)
-    dest = torch.where(sel, codes - lo, torch.full_like(codes, n))
-    inv = torch.full((n + 1,), -1, dtype=torch.int64, device=codes.device)
-    inv.scatter_(0, dest, torch.arange(codes.numel(), device=codes.device))
-    return inv[:n].to(torch.int32)
+    s = codes.long() - lo
+    return _scatter_rows(s, torch.arange(s.numel(), device=s.device), (s >= 0) & (s < n), n, -1)
 
 
 def _reduce_workspace(rows: int, slots: int, d: int, device) -> torch.Tensor:
@@ -151,7 +148,6 @@ def _gather_setup(ctx, inputs, output):
     image, text, cls, row_source, image_row_of, text_row_of = inputs
     ctx.meta = [(t.shape, t.dtype) if t is not None else None for t in (image, text, cls)]
     ctx.save_for_backward(row_source, image_row_of, text_row_of)
-    ctx.has = (image_row_of is not None, text_row_of is not None)
 
 
 def _gather_grad(ctx, grad):
@@ -366,8 +362,8 @@ def _linear_cross_entropy_impl(hidden: torch.Tensor, weight: torch.Tensor, bias:
     n, d = hidden.shape
     v = weight.shape[0]
     # matmuls in the hidden dtype (bf16/fp16 under autocast, fp32 otherwise); softmax math in fp32
-    cdt = hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    h = hidden.to(cdt).contiguous()
+    cdt = hidden.dtype
+    h = hidden.contiguous()
     # logits rows padded to a 16-byte multiple (V = 30522 is not): aligned leading dimensions for cuBLAS
     # and 16-byte loads in the kernel. The zero rows of the padded weight give zero logits that the
     # kernel never reads and that contribute nothing to grad_hidden.
@@ -396,7 +392,7 @@ def _linear_cross_entropy_impl(hidden: torch.Tensor, weight: torch.Tensor, bias:
                        rw[s:e].data_ptr(), e - s, v, row_loss[s:e].data_ptr(), row_correct[s:e].data_ptr(),
                        bool(compute_grad), dev, stream)
         if compute_grad:  # logits[:, :V] now hold d loss / d logits = w * (softmax - onehot)
-            g_h[s:e] = torch.mm(logits, wc).to(hidden.dtype)
+            torch.mm(logits, wc, out=g_h[s:e])
             g_w.add_(torch.mm(logits.t(), hs))
             if g_b is not None:
                 g_b.add_(logits.sum(0, dtype=torch.float32))
