@@ -70,18 +70,11 @@ void gather_backward(ptr_t grad, long long rows, int D, ptr_t row_source, ptr_t 
   const int sms = scope.sms;
   cudaStream_t st = as_stream(stream);
   M3AE_DISPATCH_FLOAT(op, dtype, {
-    constexpr int NV = VecT<scalar_t>::N;
     const scalar_t* g = as_ptr<const scalar_t>(grad);
-    if (grad_image) {
-      const bool vec_ok = aligned16(grad) && aligned16(grad_image);
-      IndexedRows<scalar_t, int32_t> src{g, as_ptr<const int32_t>(image_row_of), D, rows};
-      launch_copy_rows<scalar_t>(op, as_ptr<scalar_t>(grad_image), n_image, D, vec_ok && D % NV == 0, src, sms, st);
-    }
-    if (grad_text) {
-      const bool vec_ok = aligned16(grad) && aligned16(grad_text);
-      IndexedRows<scalar_t, int32_t> src{g, as_ptr<const int32_t>(text_row_of), D, rows};
-      launch_copy_rows<scalar_t>(op, as_ptr<scalar_t>(grad_text), n_text, D, vec_ok && D % NV == 0, src, sms, st);
-    }
+    if (grad_image)
+      launch_rows_by_index(op, as_ptr<scalar_t>(grad_image), n_image, g, rows, D, as_ptr<const int32_t>(image_row_of), sms, st);
+    if (grad_text)
+      launch_rows_by_index(op, as_ptr<scalar_t>(grad_text), n_text, g, rows, D, as_ptr<const int32_t>(text_row_of), sms, st);
     if (grad_cls) {
       launch_slot_sum<scalar_t, 1>(op, g, D, rows, D, ClsSlot{as_ptr<const int32_t>(row_source)},
                                    as_ptr<float>(workspace), workspace_elems, as_ptr<float>(grad_cls), st);

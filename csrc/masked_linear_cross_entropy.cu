@@ -58,52 +58,11 @@ __device__ __forceinline__ MaxSum warp_combine(MaxSum a) {
   return a;
 }
 
-// Calls f(v, x) for every column v of the row (x = logit + bias, fp32), each thread visiting its
-// columns in increasing order: scalar head up to 16-byte alignment, vector body, scalar tail.
-template <typename T, bool VEC, typename F>
-__device__ __forceinline__ void for_each_col(const T* row, const float* __restrict__ bias, long long V,
-                                             F&& f) {
-  constexpr int N = VecT<T>::N;
-  long long head = 0, nvec = 0;
-  if (VEC) {
-    head = ((16 - (reinterpret_cast<std::uintptr_t>(row) & 15)) & 15) / sizeof(T);
-    if (head > V) head = V;
-    nvec = (V - head) / N;
-  } else {
-    head = V;
-  }
-  for (long long v = threadIdx.x; v < head; v += blockDim.x) f(v, to_float(row[v]) + (bias ? __ldg(bias + v) : 0.f));
-  if (VEC) {
-    const T* body = row + head;
-    for (long long k0 = threadIdx.x; k0 < nvec; k0 += static_cast<long long>(blockDim.x) * kILP) {
-      VecT<T> x[kILP];
-#pragma unroll
-      for (int u = 0; u < kILP; ++u) {
-        const long long k = k0 + static_cast<long long>(u) * blockDim.x;
-        if (k < nvec) x[u] = load_vec_rw(body + k * N);
-      }
-#pragma unroll
-      for (int u = 0; u < kILP; ++u) {
-        const long long k = k0 + static_cast<long long>(u) * blockDim.x;
-        if (k < nvec) {
-#pragma unroll
-          for (int i = 0; i < N; ++i) {
-            const long long v = head + k * N + i;
-            f(v, to_float(x[u].v[i]) + (bias ? __ldg(bias + v) : 0.f));
-          }
-        }
-      }
-    }
-    for (long long v = head + nvec * N + threadIdx.x; v < V; v += blockDim.x)
-      f(v, to_float(row[v]) + (bias ? __ldg(bias + v) : 0.f));
-  }
-}
-
-// Overwrites each column v of the row with g(v, logit + bias): same head/body/tail split as
-// for_each_col (each element is read and written by one thread), vector stores in the body.
-template <typename T, bool VEC, typename G>
-__device__ __forceinline__ void write_grad_row(T* __restrict__ row, const float* __restrict__ bias, long long V,
-                                               G&& g) {
+// Visits every column v of the row with x = logit + bias (fp32), each thread in increasing order:
+// scalar head up to 16-byte alignment, vector body (kILP vectors in flight), scalar tail.
+// WRITE = false: calls f(v, x). WRITE = true: overwrites the column with f(v, x) (vector stores in the body).
+template <typename T, bool VEC, bool WRITE, typename F>
+__device__ __forceinline__ void sweep_row(T* row, const float* __restrict__ bias, long long V, F&& f) {
   constexpr int N = VecT<T>::N;
   long long head = V, nvec = 0;
   if (VEC) {
@@ -111,8 +70,19 @@ __device__ __forceinline__ void write_grad_row(T* __restrict__ row, const float*
     if (head > V) head = V;
     nvec = (V - head) / N;
   }
-  for (long long v = threadIdx.x; v < head; v += blockDim.x)
-    row[v] = from_float<T>(g(v, to_float(row[v]) + (bias ? __ldg(bias + v) : 0.f)));
+  auto visit = [&](long long v, T raw) -> T {
+    const float x = to_float(raw) + (bias ? __ldg(bias + v) : 0.f);
+    if constexpr (WRITE) {
+      return from_float<T>(f(v, x));
+    } else {
+      f(v, x);
+      return raw;
+    }
+  };
+  for (long long v = threadIdx.x; v < head; v += blockDim.x) {
+    const T y = visit(v, row[v]);
+    if constexpr (WRITE) row[v] = y;
+  }
   if (VEC) {
     T* body = row + head;
     for (long long k0 = threadIdx.x; k0 < nvec; k0 += static_cast<long long>(blockDim.x) * kILP) {
@@ -128,16 +98,15 @@ __device__ __forceinline__ void write_grad_row(T* __restrict__ row, const float*
         if (k < nvec) {
           VecT<T> y;
 #pragma unroll
-          for (int i = 0; i < N; ++i) {
-            const long long v = head + k * N + i;
-            y.v[i] = from_float<T>(g(v, to_float(x[u].v[i]) + (bias ? __ldg(bias + v) : 0.f)));
-          }
-          store_vec(body + k * N, y);
+          for (int i = 0; i < N; ++i) y.v[i] = visit(head + k * N + i, x[u].v[i]);
+          if constexpr (WRITE) store_vec(body + k * N, y);
         }
       }
     }
-    for (long long v = head + nvec * N + threadIdx.x; v < V; v += blockDim.x)
-      row[v] = from_float<T>(g(v, to_float(row[v]) + (bias ? __ldg(bias + v) : 0.f)));
+    for (long long v = head + nvec * N + threadIdx.x; v < V; v += blockDim.x) {
+      const T y = visit(v, row[v]);
+      if constexpr (WRITE) row[v] = y;
+    }
   }
 }
 
@@ -157,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) lce_softmax_kernel(T* __restrict__ l
     const bool t_ok = t >= 0 && t < V;
     const float w = __ldg(row_weight + r);
     MaxSum a{-INFINITY, 0.f, 0};
-    for_each_col<T, VEC>(row, bias, V, [&](long long v, float x) { push(a, x, v); });
+    sweep_row<T, VEC, false>(row, bias, V, [&](long long v, float x) { push(a, x, v); });
     a = warp_combine(a);
     __syncthreads();  // red / s_lse of the previous row are no longer read
     if (lane == 0) red[warp] = a;
@@ -180,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) lce_softmax_kernel(T* __restrict__ l
       auto grad_of = [&](long long v, float x) {
         return w == 0.f ? 0.f : w * __expf(x - lse) - (v == t ? w : 0.f);
       };
-      write_grad_row<T, VEC>(row, bias, V, grad_of);
+      sweep_row<T, VEC, true>(row, bias, V, grad_of);
     }
   }
 }

@@ -93,6 +93,15 @@ void launch_copy_rows(const char* op, T* out, long long rows, int D, bool vec_ok
   M3AE_LAUNCH_CHECK(op);
 }
 
+// out[i] = index[i] in [0, rows) ? grad[index[i]] : 0 for i < n_out (grad [rows, D] contiguous):
+// the backward of a row gather through its inverse map.
+template <typename T>
+void launch_rows_by_index(const char* op, T* out, long long n_out, const T* grad, long long rows, int D,
+                          const int32_t* index, int sms, cudaStream_t stream) {
+  const bool vec_ok = aligned16(reinterpret_cast<std::uintptr_t>(grad)) && aligned16(reinterpret_cast<std::uintptr_t>(out));
+  launch_copy_rows<T>(op, out, n_out, D, vec_ok, IndexedRows<T, int32_t>{grad, index, D, rows}, sms, stream);
+}
+
 // Stage 1 of a deterministic "sum rows into NS slots": block (x = column tile, y = chunk of
 // kReduceChunkRows rows) writes partial[y, s, c] = sum over its rows r with slot s of g[r, c].
 // Slots: __device__ void operator()(long long r, int& s0, int& s1) const (-1 = none).

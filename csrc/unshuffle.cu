@@ -147,13 +147,10 @@ void unshuffle_backward(ptr_t grad, long long rows, int D, ptr_t row_visible, pt
   const int sms = scope.sms;
   cudaStream_t st = as_stream(stream);
   M3AE_DISPATCH_FLOAT(op, dtype, {
-    constexpr int NV = VecT<scalar_t>::N;
     const scalar_t* g = as_ptr<const scalar_t>(grad);
-    if (grad_visible) {
-      const bool vec_ok = D % NV == 0 && aligned16(grad) && aligned16(grad_visible);
-      IndexedRows<scalar_t, int32_t> src{g, as_ptr<const int32_t>(row_of_visible), D, rows};
-      launch_copy_rows<scalar_t>(op, as_ptr<scalar_t>(grad_visible), n_visible, D, vec_ok, src, sms, st);
-    }
+    if (grad_visible)
+      launch_rows_by_index(op, as_ptr<scalar_t>(grad_visible), n_visible, g, rows, D,
+                           as_ptr<const int32_t>(row_of_visible), sms, st);
     if (grad_mask || grad_type) {
       // one pass over grad for all four [D] sums; the fp32 result is [4, D]: mask img/txt, type img/txt
       M3AE_CHECK(op, grad_mask != 0, "grad_mask is required when grad_type is given");
