@@ -72,13 +72,11 @@ def check_range(op: str, name: str, t: torch.Tensor, lo: int, hi: int) -> None:
 
 def inverse_map(row_source: torch.Tensor, lo: int, n: int) -> torch.Tensor:
     """inv [n] int32: inv[s - lo] = t where row_source[t] = s (lo <= s < lo + n), else -1.
-    A scatter, no host synchronisation (used when a caller does not pass the inverse map)."""
-    src = row_source.long()
-    valid = (src >= lo) & (src < lo + n)
-    dest = torch.where(valid, src - lo, torch.full_like(src, n))
-    inv = torch.full((n + 1,), -1, dtype=torch.int64, device=src.device)
-    inv.scatter_(0, dest, torch.arange(src.numel(), dtype=torch.int64, device=src.device))
-    return inv[:n].to(torch.int32)
+    A scatter, no host synchronisation (used when a caller does not pass the inverse map); the
+    masking plans build theirs with the same scatter."""
+    from m3ae_engine.masking import _scatter_rows
+    src = row_source.long() - lo
+    return _scatter_rows(src, torch.arange(src.numel(), device=src.device), (src >= 0) & (src < n), n, -1)
 
 
 @triton.jit

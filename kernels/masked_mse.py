@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_device, check_float, check_index, check_range, interpreting
+from ._common import check, check_device, check_float, check_index, check_range, interpreting, row_blocks  # noqa: F401 (tests patch interpreting)
 
 _OP = "m3ae.masked_mse"
 
@@ -76,9 +76,7 @@ def _launch(pred, imgs, patch_index, row_weight, stats, patch_size, norm_pix_los
     b, c, h, w = imgs.shape
     gw = w // patch_size
     l = (h // patch_size) * gw
-    block_p = triton.next_power_of_2(p_len)
-    budget = (1 << 16) if interpreting() else 4096  # ~4K elements per program: enough loads in flight
-    block_r = max(1, min(budget // block_p, triton.next_power_of_2(max(m, 1))))
+    block_r, block_p = row_blocks(p_len, m, max_block_d=1 << 14)  # p_len <= 16384 is checked
     backward = grad_in is not None
     out = (torch.empty_like(pred) if backward
            else torch.empty(m, dtype=torch.float32, device=pred.device))  # [M, P] or [M]
