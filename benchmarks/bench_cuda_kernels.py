@@ -11,14 +11,15 @@ Writes cuda_kernels_<device>.json and .md under --out (device, torch/triton vers
 """
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import git_commit  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -169,11 +170,7 @@ def main():
                     r[f"speedup_fwd_bwd_vs_{other}"] = d[other]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
             if r.get("fwd_GBps"):
                 r["fwd_frac_of_copy_bw"] = r["fwd_GBps"] / bw
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     try:
         import triton
         triton_version = triton.__version__

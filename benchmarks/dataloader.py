@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import datetime
 import os
 import platform
 import sys
@@ -21,6 +22,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import git_commit  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -113,6 +117,7 @@ def main(argv=None):
         print(f"made {len(paths)} shards of {args.images} JPEGs in {time.perf_counter() - t:.1f}s", flush=True)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+               "commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "images": args.images, "source_px": [args.min_px, args.max_px], "loaders": []}
     try:
         import torchvision

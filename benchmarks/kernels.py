@@ -17,10 +17,12 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import git_commit  # noqa: E402
 
 import torch
 
@@ -152,14 +154,6 @@ def run_case(op, s, plan, dtype, backend, do_bench, seed=0):
         res["fwd_bwd_TFLOPs"] = 3 * flops / t_all / 1e9
         res["matmuls_only_ms"] = bench_ms(matmuls, do_bench)
     return res
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None):

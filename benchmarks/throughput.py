@@ -32,9 +32,7 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -115,39 +113,7 @@ def make_batches(n: int, batch: int, config: M3AEConfig, device: torch.device, t
 # ----------------------------------------------------------------------------------------------
 # environment
 # ----------------------------------------------------------------------------------------------
-def _run(cmd: List[str]) -> Optional[str]:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def environment(device: torch.device) -> dict:
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "platform": platform.platform(), "hostname": platform.node()}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except Exception:
-        env["triton"] = None
-    commit = os.environ.get("M3AE_GIT_COMMIT") or _run(["git", "rev-parse", "HEAD"])
-    env["git_commit"] = commit or "unknown (not a git checkout)"
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-    env["git_dirty"] = bool(status) if commit else None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["device"] = torch.cuda.get_device_name(device)
-        env["device_memory_gib"] = round(props.total_memory / 2**30, 1)
-        env["sm_count"] = props.multi_processor_count
-        env["cudnn"] = torch.backends.cudnn.version()
-        env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        if env["driver"]:
-            env["driver"] = env["driver"].splitlines()[0]
-    else:
-        env["device"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        env["driver"] = None
-    return env
+from _env import environment  # noqa: E402,F401  (device, versions, driver, commit, date of a result)
 
 
 def measure_matmul_tflops(device: torch.device) -> dict:
