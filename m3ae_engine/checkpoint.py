@@ -135,7 +135,7 @@ def save_exported(state_dict: dict, model_config: dict, out: Path) -> None:
     from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(state_dict, str(tmp), metadata={"m3ae_config": json.dumps(model_config)})
+    save_file(state_dict, str(tmp), metadata={"m3ae_config": json.dumps(model_config), "format": "pt"})
     os.replace(tmp, out)
 
 

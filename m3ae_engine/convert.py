@@ -557,10 +557,9 @@ def read_checkpoint(path, config: Optional[M3AEConfig] = None, **overrides
         return sd, cfg, report
     if suffix == ".safetensors":
         from safetensors import safe_open
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one open: tensors and the config metadata
             meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
         if config is None and "m3ae_config" in meta:
             config = M3AEConfig.from_dict(json.loads(meta["m3ae_config"]))
     elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -618,12 +617,10 @@ def load_model(path, config: Optional[M3AEConfig] = None, device="cpu", strict: 
 
 def save_checkpoint(sd: Dict[str, torch.Tensor], config: M3AEConfig, out_dir) -> Path:
     """Write OUT_DIR/model.safetensors (config embedded in the metadata too) + OUT_DIR/config.json."""
-    from safetensors.torch import save_file
+    from .checkpoint import save_exported  # the training export's writer: atomic, config in the metadata
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = json.dumps(config.to_dict())
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, str(out / "model.safetensors"),
-              metadata={"m3ae_config": cfg, "format": "pt"})
+    save_exported({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, config.to_dict(),
+                  out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     return out
 
