@@ -68,4 +68,5 @@ class CMakeBuild(build_ext):
                 shutil.copy2(built, ROOT / "m3ae_engine" / built.name)
 
 
-setup(ext_modules=[CMakeExtension("m3ae_engine._C")], cmdclass={"build_ext": CMakeBuild})
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import find_nvcc from it
+    setup(ext_modules=[CMakeExtension("m3ae_engine._C")], cmdclass={"build_ext": CMakeBuild})

@@ -5,6 +5,7 @@ When nvcc exists the extension MUST have been built (`pip install -e .` builds i
 otherwise), so a missing `_C` is a failure there, not a skip.
 """
 import importlib
+import importlib.util
 import os
 import shutil
 import struct
@@ -19,19 +20,15 @@ from m3ae_engine import ops, reference
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _find_nvcc():
-    if os.environ.get("CUDACXX"):
-        return os.environ["CUDACXX"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return nvcc
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return None
+def _setup_module():
+    """setup.py itself (its `setup()` call is guarded by __main__): the build's own nvcc lookup."""
+    spec = importlib.util.spec_from_file_location("m3ae_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-NVCC = _find_nvcc()
+NVCC = _setup_module().find_nvcc()
 WANT_BUILD = NVCC is not None and os.environ.get("M3AE_BUILD_CUDA", "1") != "0"
 
 
