@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..config import CC12M_MEAN, CC12M_STD
-from .sources import (IMAGE_EXTS, DataError, build_table, expand_sources, index_path_for, read_index,
-                      scan_tar, write_index)
+from .sources import (IMAGE_EXTS, DataError, build_table, expand_sources, index_path_for, load_index,
+                      write_index)
 from .transforms import RATIO, SCALE
 
 
@@ -34,17 +34,18 @@ def dali_available() -> bool:
         return False
 
 
-def ensure_indices(paths: List[str], index_dir: Optional[str] = None) -> List[str]:
-    """The wds2idx index of each shard: `<shard>.idx` next to it when present and current, else written
-    (next to the shard when the folder is writable, else into `index_dir` / a temp folder)."""
-    out = []
+def ensure_indices(paths: List[str], index_dir: Optional[str] = None):
+    """(index file paths, ShardIndex objects): `<shard>.idx` next to each shard when present and current
+    (sources.load_index decides), else written (next to the shard when the folder is writable, else
+    into `index_dir` / a temp folder). Each shard is read or scanned once."""
+    out, indices = [], []
     for p in paths:
         idx = index_path_for(p)
+        ix = load_index(p)  # the .idx file when current (checked against the tar), else a header scan
+        indices.append(ix)
         if os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(p):
-            read_index(idx, p)  # checks it matches the tar
             out.append(idx)
             continue
-        ix = scan_tar(p)
         if index_dir is None and os.access(os.path.dirname(os.path.abspath(p)), os.W_OK):
             target = idx
         else:
@@ -53,7 +54,7 @@ def ensure_indices(paths: List[str], index_dir: Optional[str] = None) -> List[st
             target = os.path.join(d, f"{abs(hash(os.path.abspath(p))):x}-{os.path.basename(idx)}")
         write_index(ix, target)
         out.append(target)
-    return out
+    return out, indices
 
 
 class DaliLoader:
@@ -77,8 +78,8 @@ class DaliLoader:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("DALI on device cuda needs a CUDA GPU (none available); use device='cpu'")
         self.paths = expand_sources(sources)
-        table = build_table(self.paths, need_image=True, need_text=(modality == "paired"))
-        self.index_paths = ensure_indices(self.paths, index_dir)
+        self.index_paths, indices = ensure_indices(self.paths, index_dir)
+        table = build_table(self.paths, need_image=True, need_text=(modality == "paired"), indices=indices)
         self.num_samples = len(table)
         self.batch_size, self.image_size, self.text_length = batch_size, image_size, text_length
         self.rank, self.world_size, self.seed, self.shuffle, self.epochs = rank, world_size, seed, shuffle, epochs

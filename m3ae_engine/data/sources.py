@@ -230,11 +230,12 @@ class SampleTable:
 
 
 def build_table(paths: Sequence[str], need_image: bool = True, need_text: bool = True,
-                use_idx: bool = True) -> SampleTable:
+                use_idx: bool = True, indices: Optional[Sequence["ShardIndex"]] = None) -> SampleTable:
+    """`indices`: the shards' indexes when the caller already read or scanned them (not read again)."""
     shard, img, imgext, txt, keys = [], [], [], [], []
     skipped = {"missing_image": 0, "missing_text": 0}
     for si, p in enumerate(paths):
-        ix = load_index(p, use_idx)
+        ix = indices[si] if indices is not None else load_index(p, use_idx)
         for key, mem in zip(ix.keys, ix.members):
             ie = next((e for e in IMAGE_EXTS if e in mem), None)
             te = "txt" if "txt" in mem else None
