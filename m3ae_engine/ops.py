@@ -15,7 +15,7 @@ MAE drop-in contracts (same inputs, same outputs as facebookresearch/mae `models
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 

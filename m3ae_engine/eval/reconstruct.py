@@ -17,7 +17,6 @@ import glob
 import html
 import io
 import json
-import re
 import sys
 import tarfile
 from pathlib import Path
