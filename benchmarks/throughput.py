@@ -190,17 +190,17 @@ class Runner:
         else:
             self.info.update(kernels="eager torch" + (" + torch.compile" if spec["compile"] else ""),
                              attention="sdpa (padded, key-padding mask)", packed=False)
-        self.ds_engine = None
+        self.runtime = None  # DeepSpeed: the trainer's own runtime (ZeRO-3 hooks, config filling, precision)
         if deepspeed_config is not None and self.kind == "engine":
-            self.ds_engine = _deepspeed_initialize(model, deepspeed_config)
-            self.info["deepspeed"] = {k: deepspeed_config.get(k) for k in ("zero_optimization", "bf16")}
-            self.forward = self.ds_engine
+            self.runtime = _deepspeed_runtime(model, deepspeed_config, device)
+            self.info["deepspeed"] = {k: self.runtime.ds_config.get(k) for k in ("zero_optimization", "bf16")}
+            self.autocast = self.runtime.autocast
         else:
             self.opt = build_optimizer(model, 1e-4, 0.05)
             self.info["optimizer"] = "AdamW fused" if device.type == "cuda" else "AdamW (foreach)"
             self.forward = torch.compile(model) if spec.get("compile") else model
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())
+            self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                             else contextlib.nullcontext())
 
     def engine_backends(self) -> dict:
         """The kernel and attention backends the engine resolves to (and whether packed attention
@@ -216,16 +216,18 @@ class Runner:
         return dict(kernels=kernels, attention=attn, packed=c.packed)
 
     def step(self, batch: Batch) -> torch.Tensor:
+        if self.runtime is not None:
+            out = self.runtime.forward_backward(
+                {"image": batch.image, "text": batch.text, "text_padding_mask": batch.text_padding_mask},
+                (None, None), last_micro=True)
+            self.runtime.step(self.runtime.cfg.peak_lr, torch.zeros((), dtype=torch.bool))
+            return out.loss.detach()
         with self.autocast:
             out = self.forward(batch.image, batch.text, batch.text_padding_mask)
         loss = out if self.kind == "reference" else out.loss
-        if self.ds_engine is not None:
-            self.ds_engine.backward(loss)
-            self.ds_engine.step()
-        else:
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return loss.detach()
 
     def clear_grads(self):
@@ -233,19 +235,16 @@ class Runner:
             p.grad = None
 
 
-def _deepspeed_initialize(model, ds_config: dict):
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise SystemExit(f"error: --deepspeed_config needs DeepSpeed (pip install 'm3ae-engine[deepspeed]'): {e}")
+def _deepspeed_runtime(model, ds: dict, device: torch.device):
+    """The engine under m3ae_engine.runtime.DeepSpeedRuntime, exactly as train.py runs it: the ZeRO-3
+    parameter registration, the tuple output, "auto" fields filled from the run, bf16 off on the CPU."""
+    from m3ae_engine.runtime import DeepSpeedRuntime, DistInfo
+    from m3ae_engine.train_config import TrainConfig
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT="29517").items():
         os.environ.setdefault(k, v)
-    kwargs = dict(model=model, model_parameters=model.param_groups(0.05), config=ds_config)
-    if "optimizer" not in ds_config:
-        kwargs["optimizer"] = build_optimizer(model, 1e-4, 0.05)
-    engine, _, _, _ = deepspeed.initialize(**kwargs)
-    return engine
+    cfg = TrainConfig(preset=ds["preset"], batch_size=ds["batch_size"], deepspeed_config=ds["path"], tensorboard=False)
+    return DeepSpeedRuntime(model, cfg, DistInfo(), device)  # checks model.config (compile_blocks vs ZeRO-3)
 
 
 def time_steps(runner: Runner, batches, steps: int, warmup: int, device: torch.device) -> dict:
@@ -435,10 +434,9 @@ def main(argv=None) -> dict:
             import deepspeed  # noqa: F401
         except ImportError:
             raise SystemExit("error: --deepspeed_config needs DeepSpeed installed (pip install deepspeed)")
-        ds_config = json.loads(Path(args.deepspeed_config).read_text())
-        ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
-        ds_config["gradient_accumulation_steps"] = 1
-        ds_config.pop("train_batch_size", None)
+        if not Path(args.deepspeed_config).is_file():
+            raise SystemExit(f"error: --deepspeed_config {args.deepspeed_config}: no such file")
+        ds_config = {"path": args.deepspeed_config, "preset": args.preset, "batch_size": args.batch_size}
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
