@@ -1,30 +1,43 @@
 """Per-kernel GPU benchmark of the four engine ops at M3AE shapes, for every available backend.
 
     python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json
-    python benchmarks/kernels.py --presets large --dtypes bf16 --batch 256 --backends torch,triton
+    python benchmarks/kernels.py --presets large --dtypes bf16 --batch 256 --backends torch,triton,cuda
+    python benchmarks/kernels.py --smoke          # CPU, Triton interpreter: checks the script only
 
-For each op x preset x dtype x backend: forward time (no grad), forward+backward time
-(triton.testing.do_bench medians), achieved GB/s of the op's minimal traffic against the measured
-device-to-device copy bandwidth, speed-up over the torch reference, and peak extra memory of one
-forward+backward. For the linear cross-entropy also the time of its three matmuls alone (the FLOP
-floor measured with cuBLAS on this device). Prints a table and writes JSON (device, versions,
-commit, date) to --out (default: $OUT/kernels.json when $OUT is set, else benchmarks/results/).
+For each op x preset x dtype x backend, forward (no grad) and forward+backward, three clocks:
+- device ms: the op's launches captured in a CUDA graph and replayed (triton.testing.do_bench_cudagraph,
+  median): GPU time without the host's launch cost. The figure the kernel floors are compared with
+  (achieved GB/s of the op's minimal traffic against the measured device-to-device copy rate).
+- eager ms: one call as user code issues it (triton.testing.do_bench, median, L2 flushed between calls):
+  includes the host-side launch latency the GPU waits on when the op runs alone.
+- host us: CPU time to issue one call (20 calls back to back, no sync inside): Python, the dispatcher,
+  input checks and the kernel launches.
+Plus the kernels one forward+backward launches (torch.profiler: device us and launches per call), the
+speed-up over the torch reference (device time), the peak extra memory of one forward+backward, and
+for the linear cross-entropy the device time of its three matmuls alone (its FLOP floor measured with
+cuBLAS here). Prints a table; writes JSON and a markdown table (device, driver, versions, commit, date)
+to --out (default: $OUT/kernels.json when $OUT is set, else benchmarks/results/kernels.json).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import platform
 import sys
-import traceback
-from pathlib import Path
+
+if "--smoke" in sys.argv:  # the Triton interpreter must be chosen before anything imports triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import git_commit  # noqa: E402
+from _env import environment  # noqa: E402
 
-import torch
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -53,23 +66,79 @@ def make_plan(s: dict, seed: int = 0):
     return build_plan(s["B"], s["Li"], s["Ki"], pad, s["Lt"], s["Kt"], generator=gen).to(DEV)
 
 
-def bench_ms(fn, dev_bench):
-    return dev_bench(fn, warmup=25, rep=100, return_mode="median")
+# ----------------------------------------------------------------------------------------------
+# clocks
+# ----------------------------------------------------------------------------------------------
+def eager_ms(fn: Callable) -> float:
+    """One call as user code issues it: median of do_bench (L2 flushed between calls); CPU: wall clock."""
+    if DEV != "cuda":
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def copy_bandwidth(do_bench) -> float:
-    """Device-to-device copy rate in GB/s (read + write bytes), 1 GiB buffers."""
+def device_ms(fn: Callable) -> float:
+    """GPU time of fn's launches without the host: captured in a CUDA graph, replayed (median)."""
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def host_us(fn: Callable, calls: int = 20) -> float:
+    """CPU microseconds to issue one call (the GPU runs behind; no sync inside the timed calls)."""
+    fn()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def kernel_breakdown(fn: Callable, iters: int = 5, top: int = 8) -> dict:
+    """The device work of one call from torch.profiler: total kernel/memset/memcpy us and the top entries."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per_name = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        acc = per_name.setdefault(e.name, [0.0, 0])
+        acc[0] += e.time_range.elapsed_us()
+        acc[1] += 1
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])
+    return {"device_us_per_call": sum(v[0] for v in per_name.values()) / iters,
+            "launches_per_call": sum(v[1] for v in per_name.values()) / iters,
+            "top": [dict(name=name[:100], us_per_call=v[0] / iters, launches_per_call=v[1] / iters)
+                    for name, v in ranked[:top]]}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in GB/s (read + write bytes), 1 GiB buffers (CPU smoke: 256 KiB)."""
     src = torch.empty(1 << (28 if DEV == "cuda" else 16), dtype=torch.float32, device=DEV)
     dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), do_bench)
+    ms = eager_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def matmul_rate(do_bench, dtype) -> float:
+def matmul_rate(dtype) -> float:
     n = 8192 if DEV == "cuda" else 64
     a = torch.randn(n, n, device=DEV, dtype=dtype)
     b = torch.randn(n, n, device=DEV, dtype=dtype)
-    ms = bench_ms(lambda: a @ b, do_bench)
+    ms = eager_ms(lambda: a @ b)
     return 2 * n ** 3 / ms / 1e9  # TFLOP/s
 
 
@@ -123,7 +192,16 @@ def build_case(op: str, s: dict, plan, dtype, gen):
     raise ValueError(op)
 
 
-def run_case(op, s, plan, dtype, backend, do_bench, seed=0):
+def _try(res: dict, key: str, measure: Callable) -> None:
+    """res[key] = measure(), or None and the error under key + '_error' (one failing clock keeps the row)."""
+    try:
+        res[key] = measure()
+    except Exception as e:  # noqa: BLE001
+        res[key] = None
+        res[key + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def run_case(op, s, plan, dtype, backend, seed=0):
     gen = torch.Generator(device=DEV).manual_seed(seed)
     leaves, fn, bytes_fwd, bytes_all, flops, matmuls = build_case(op, s, plan, dtype, gen)
     with torch.no_grad():
@@ -137,23 +215,70 @@ def run_case(op, s, plan, dtype, backend, do_bench, seed=0):
     def fwd_bwd():
         torch.autograd.grad(fn(backend), leaves, grad_out)
 
-    t_fwd = bench_ms(fwd, do_bench)
-    t_all = bench_ms(fwd_bwd, do_bench)
-    peak = float("nan")
+    res = dict(op=op, backend=backend, bytes_fwd=bytes_fwd, bytes_fwd_bwd=bytes_all,
+               fwd_eager_ms=eager_ms(fwd), fwd_bwd_eager_ms=eager_ms(fwd_bwd),
+               host_us_fwd=host_us(fwd), host_us_fwd_bwd=host_us(fwd_bwd))
     if DEV == "cuda":
+        _try(res, "fwd_device_ms", lambda: device_ms(fwd))
+        _try(res, "fwd_bwd_device_ms", lambda: device_ms(fwd_bwd))
+        _try(res, "kernels_fwd_bwd", lambda: kernel_breakdown(fwd_bwd))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fwd_bwd()
         torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    res = dict(op=op, backend=backend, fwd_ms=t_fwd, fwd_bwd_ms=t_all, bytes_fwd=bytes_fwd, bytes_fwd_bwd=bytes_all,
-               fwd_GBps=bytes_fwd / t_fwd / 1e6, fwd_bwd_GBps=bytes_all / t_all / 1e6, peak_extra_MiB=peak)
+        res["peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    # the figure compared with the floors: device time where the graph capture worked
+    res["fwd_ms"] = res.get("fwd_device_ms") or res["fwd_eager_ms"]
+    res["fwd_bwd_ms"] = res.get("fwd_bwd_device_ms") or res["fwd_bwd_eager_ms"]
+    res["clock"] = "device" if res.get("fwd_bwd_device_ms") else "eager"
+    res["fwd_GBps"] = bytes_fwd / res["fwd_ms"] / 1e6
+    res["fwd_bwd_GBps"] = bytes_all / res["fwd_bwd_ms"] / 1e6
     if flops:
         res["flops_fwd_bwd"] = 3 * flops
-        res["fwd_bwd_TFLOPs"] = 3 * flops / t_all / 1e9
-        res["matmuls_only_ms"] = bench_ms(matmuls, do_bench)
+        res["fwd_bwd_TFLOPs"] = 3 * flops / res["fwd_bwd_ms"] / 1e9
+        res["matmuls_eager_ms"] = eager_ms(matmuls)
+        if DEV == "cuda":
+            _try(res, "matmuls_device_ms", lambda: device_ms(matmuls))
+        res["matmuls_ms"] = res.get("matmuls_device_ms") or res["matmuls_eager_ms"]
+        res["time_over_matmuls"] = res["fwd_bwd_ms"] / res["matmuls_ms"]
     return res
+
+
+def _speedup(torch_row: Optional[dict], row: dict) -> Optional[float]:
+    """torch time / this time on the same clock: device time when both were captured, else eager."""
+    if torch_row is None:
+        return None
+    if torch_row.get("fwd_bwd_device_ms") and row.get("fwd_bwd_device_ms"):
+        return torch_row["fwd_bwd_device_ms"] / row["fwd_bwd_device_ms"]
+    return torch_row["fwd_bwd_eager_ms"] / row["fwd_bwd_eager_ms"]
+
+
+def markdown(meta: dict, rows: list) -> str:
+    lines = [f"# Kernels: {meta['device']}", "",
+             f"driver {meta.get('driver')}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+             f"Python {meta['python']}, commit `{meta['git_commit']}`, {meta['date']}, batch {meta['batch']}. "
+             f"Copy {meta['copy_GBps']:.0f} GB/s (read + write), matmul {meta['matmul_TFLOPs']} TFLOP/s.", "",
+             "Device ms: CUDA-graph replay (no host launch cost); eager ms: one call issued from Python, "
+             "L2 flushed; host us: CPU time to issue one call. % copy: the op's minimal bytes / device "
+             "time against the copy rate. x torch: speed-up over the torch reference (device time, or eager "
+             "where the torch reference could not be captured).", "",
+             "| op | preset | dtype | backend | fwd ms | fwd+bwd ms | % copy (f+b) | x torch | eager f+b ms "
+             "| host us f+b | launches f+b | peak MiB | matmuls ms (ratio) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['preset']} | {r['dtype']} | {r['backend']} | error: {r['error'][:80]} "
+                         "| | | | | | | | |")
+            continue
+        k = r.get("kernels_fwd_bwd") or {}
+        mm = (f"{r['matmuls_ms']:.3f} ({r['time_over_matmuls']:.2f}x)" if "matmuls_ms" in r else "-")
+        sp = f"{r['speedup_fwd_bwd']:.2f}x" if r.get("speedup_fwd_bwd") else "-"
+        lines.append(f"| {r['op']} | {r['preset']} | {r['dtype']} | {r['backend']} | {r['fwd_ms']:.3f} | "
+                     f"{r['fwd_bwd_ms']:.3f} | {r['pct_copy_bw']:.0f}% | {sp} | {r['fwd_bwd_eager_ms']:.3f} | "
+                     f"{r['host_us_fwd_bwd']:.0f} | {k.get('launches_per_call', float('nan')):.0f} | "
+                     f"{r.get('peak_extra_MiB', float('nan')):.0f} | {mm} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -169,39 +294,31 @@ def main(argv=None):
     args = ap.parse_args(argv)
     global DEV
     if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--smoke needs TRITON_INTERPRET=1 before triton is imported: run it as a script")
         DEV = "cpu"
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         args.presets, args.batch = "smoke", min(args.batch, 3)
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (or --smoke to check the script on the CPU)")
-    import triton
-    if args.smoke:
-        import time
-
-        def do_bench(fn, warmup=0, rep=0, return_mode="median"):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-    else:
-        from triton.testing import do_bench
+    unknown = [o for o in args.ops.split(",") if o not in OPS]
+    if unknown:
+        sys.exit(f"unknown op(s) {unknown}; choose from {', '.join(OPS)}")
 
     avail = ops.available_backends()
     backends = [b for b in args.backends.split(",") if avail.get(b) == "available"]
     skipped = {b: avail.get(b, "unknown backend") for b in args.backends.split(",") if b not in backends}
-    bw = copy_bandwidth(do_bench)
-    meta = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(), commit=git_commit(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                batch=args.batch, copy_GBps=bw, skipped_backends=skipped)
-    meta["matmul_TFLOPs"] = {d: matmul_rate(do_bench, DTYPES[d]) for d in args.dtypes.split(",")}
+    env = environment(torch.device(DEV))
+    bw = copy_bandwidth()
+    meta = dict(env, batch=args.batch, copy_GBps=bw, skipped_backends=skipped,
+                matmul_TFLOPs={d: round(matmul_rate(DTYPES[d]), 1) for d in args.dtypes.split(",")})
     print(f"# {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  CUDA {meta['cuda']}  "
-          f"commit {meta['commit'][:10]}  copy {bw:.0f} GB/s  matmul {meta['matmul_TFLOPs']}")
+          f"commit {meta['git_commit'][:10]}  copy {bw:.0f} GB/s  matmul {meta['matmul_TFLOPs']}")
     if skipped:
         print(f"# skipped backends: {skipped}")
     rows = []
-    hdr = (f"{'op':<22}{'preset':<7}{'dtype':<6}{'backend':<8}{'fwd ms':>9}{'f+b ms':>9}{'f GB/s':>9}"
-           f"{'f+b GB/s':>10}{'%copy':>7}{'speedup':>9}{'peak MiB':>10}{'mm ms':>8}")
-    print(hdr)
+    hdr = (f"{'op':<22}{'preset':<7}{'dtype':<6}{'backend':<8}{'fwd ms':>9}{'f+b ms':>9}{'%copy':>7}{'x torch':>9}"
+           f"{'eager':>9}{'host us':>9}{'peak MiB':>10}{'mm ratio':>9}")
+    print(hdr + "   (ms: device time, CUDA graph; eager: f+b ms issued from Python)")
     for preset in args.presets.split(","):
         s = shapes(preset, args.batch)
         plan = make_plan(s)
@@ -211,32 +328,36 @@ def main(argv=None):
             for op in args.ops.split(","):
                 for be in backends:
                     try:
-                        r = run_case(op, s, plan, dtype, be, do_bench)
+                        r = run_case(op, s, plan, dtype, be)
                     except Exception as e:  # keep going: one failing case must not lose the table
                         r = dict(op=op, backend=be, error=f"{type(e).__name__}: {e}")
                         traceback.print_exc()
                     r.update(preset=preset, dtype=dname, shapes=s)
                     if DEV == "cuda":
                         torch.cuda.empty_cache()
+                    rows.append(r)
                     if "error" in r:
                         print(f"{op:<22}{preset:<7}{dname:<6}{be:<8} ERROR {r['error'][:80]}")
-                        rows.append(r)
                         continue
                     if be == "torch":
-                        base_ms[op] = r["fwd_bwd_ms"]
-                    r["speedup_fwd_bwd"] = base_ms[op] / r["fwd_bwd_ms"] if op in base_ms else None
+                        base_ms[op] = r
+                    r["speedup_fwd_bwd"] = _speedup(base_ms.get(op), r)
                     r["pct_copy_bw"] = 100 * r["fwd_bwd_GBps"] / bw
-                    rows.append(r)
                     sp = f"{r['speedup_fwd_bwd']:.2f}x" if r["speedup_fwd_bwd"] else "-"
-                    mm = f"{r['matmuls_only_ms']:.3f}" if "matmuls_only_ms" in r else "-"
+                    mm = f"{r['time_over_matmuls']:.2f}x" if "time_over_matmuls" in r else "-"
                     print(f"{op:<22}{preset:<7}{dname:<6}{be:<8}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>9.3f}"
-                          f"{r['fwd_GBps']:>9.0f}{r['fwd_bwd_GBps']:>10.0f}{r['pct_copy_bw']:>6.0f}%{sp:>9}"
-                          f"{r['peak_extra_MiB']:>10.0f}{mm:>8}")
-    out = args.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
-                       else str(ROOT / "benchmarks" / "results" / "kernels.json"))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    print(f"# wrote {out}")
+                          f"{r['pct_copy_bw']:>6.0f}%{sp:>9}{r['fwd_bwd_eager_ms']:>9.3f}{r['host_us_fwd_bwd']:>9.0f}"
+                          f"{r.get('peak_extra_MiB', float('nan')):>10.0f}{mm:>9}")
+                    for key in ("fwd_device_ms_error", "fwd_bwd_device_ms_error", "kernels_fwd_bwd_error"):
+                        if key in r:
+                            print(f"    {key}: {r[key]}")
+    out = Path(args.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
+                            else str(ROOT / "benchmarks" / "results" / "kernels.json")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, results=rows), indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(meta, rows))
+    print(f"# wrote {out} and {out.with_suffix('.md')}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ BACKEND_ORDER = ("cuda", "triton", "torch")  # fastest first; see benchmarks/res
 # Per-op exceptions to the order, from the H100 measurement (benchmarks/results/cuda_kernels_*.json,
 # M3AE-large, B=256): the fused gather's forward+backward is not yet faster than torch's index +
 # index_put (bf16 1.17 ms CUDA, 1.85 ms Triton, 0.92 ms torch), so `auto` keeps torch for it until
-# the kernel reaches its floor (benchmarks/NOTES_gather.md).
+# the kernel reaches its floor (benchmarks/NOTES_gather.md). Those were eager timings (host launch cost
+# included); re-decide on the device clock of benchmarks/kernels.py and on the step time of throughput.py.
 OP_ORDER = {"gather": ("torch", "cuda", "triton")}
 
 
