@@ -83,6 +83,12 @@ def markdown(result: dict) -> str:
                 f"packed {r.get('packed')}" for r in result["results"] if r.get("kernels")]
     if backends:
         lines += ["", "Backends used: " + "; ".join(backends) + "."]
+    data = result.get("data") or {}
+    if data.get("loader"):
+        waits = ", ".join(f"`{r['variant']}` {r['data_wait_ms']:.1f} ms" for r in result["results"]
+                          if r.get("data_wait_ms") is not None)
+        lines += ["", f"Data: the WebDataset loader in the loop, decoder {data['loader']} ({data.get('threads')} "
+                      f"threads), {data.get('source')}. Median host wait for the next batch per step: {waits}."]
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from m3ae_engine import M3AE, M3AEConfig  # noqa: E402
+from m3ae_engine.data.loader import DECODERS as LOADER_DECODERS  # noqa: E402
 from m3ae_engine.flops import device_peak_tflops, m3ae_flops  # noqa: E402
 from m3ae_engine.optim import build_optimizer  # noqa: E402
 from reference_model import ReferenceM3AE  # noqa: E402
@@ -260,11 +262,14 @@ def time_steps(runner: Runner, batches, steps: int, warmup: int, device: torch.d
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
     wall_times = []
     t_start = time.perf_counter()
+    waits = []  # host seconds blocked on the next batch (a loader that keeps up: ~0)
     for i in range(steps):
         t0 = time.perf_counter()
         if cuda:
             starts[i].record()
-        losses.append(runner.step(get(warmup + i)))
+        batch = get(warmup + i)
+        waits.append(time.perf_counter() - t0)
+        losses.append(runner.step(batch))
         if cuda:
             ends[i].record()
         wall_times.append(time.perf_counter() - t0)
@@ -278,7 +283,8 @@ def time_steps(runner: Runner, batches, steps: int, warmup: int, device: torch.d
     if not all(math.isfinite(v) for v in loss_values):
         raise FloatingPointError(f"non-finite loss: {loss_values}")
     return {"step_ms": statistics.median(step_ms), "step_ms_min": min(step_ms), "step_ms_max": max(step_ms),
-            "wall_s": wall_s, "loss_first": loss_values[0], "loss_last": loss_values[-1]}
+            "wall_s": wall_s, "data_wait_ms": statistics.median(waits) * 1e3,
+            "loss_first": loss_values[0], "loss_last": loss_values[-1]}
 
 
 def find_max_batch(fits: Callable[[int], bool], start: int, limit: int, tolerance: float = 1 / 16) -> dict:
@@ -385,8 +391,12 @@ def parse_args(argv=None):
                    help="per variant: find the largest batch that fits (doubling from --batch-size, then "
                         "bisection), then time that batch")
     p.add_argument("--max-batch-limit", type=int, default=8192)
-    p.add_argument("--data", choices=("synthetic", "dali"), default="synthetic")
-    p.add_argument("--data-path", default=None, help="--data dali: WebDataset shards (passed to the loader)")
+    p.add_argument("--data", choices=("synthetic",) + LOADER_DECODERS, default="synthetic",
+                   help="synthetic: pre-generated batches already on the device; auto | dali | nvjpeg | cpu: the "
+                        "WebDataset loader with that decoder in the loop (auto: the best available), so the "
+                        "step's samples/s and its data_wait_ms show whether it waits on data")
+    p.add_argument("--data-path", default=None, help="WebDataset shards for --data LOADER (default: shards of "
+                   "synthetic JPEGs of 1-2x the image size, made in a temporary folder)")
     p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
                    help="run the engine variants through deepspeed.initialize with this config")
     p.add_argument("--text-full", action="store_true", help="every caption 64 tokens (no padding)")
@@ -401,20 +411,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _dali_batches(args, config: M3AEConfig, device):
-    from m3ae_engine.data import build_loader as loader
-    if not args.data_path:
-        raise SystemExit("error: --data dali needs --data-path (WebDataset shards)")
-    it = loader(args.data_path, batch_size=args.batch_size, image_size=config.image_size,
-                text_length=config.text_length, decoder="dali", device=str(device))
-    it = iter(it)
+def loader_batches(args, config: M3AEConfig, device: torch.device):
+    """(endless iterator of Batch from the WebDataset loader, what it is). Without --data-path it first
+    writes shards of synthetic JPEGs (1-2x the image size, varied aspect ratios) to a temporary folder."""
+    from m3ae_engine.data import build_loader
+    from dataloader import make_shards
+    paths, source = args.data_path, args.data_path
+    if paths is None:
+        n = max(4 * args.batch_size, 64)
+        tmp = tempfile.mkdtemp(prefix="m3ae-throughput-shards-")
+        paths = make_shards(tmp, n, 256, config.image_size, 2 * config.image_size, seed=args.seed)
+        source = f"{n} synthetic JPEGs of {config.image_size}-{2 * config.image_size} px in {len(paths)} shards"
+    loader = build_loader(paths, batch_size=args.batch_size, image_size=config.image_size,
+                          text_length=config.text_length, decoder=args.data, device=str(device), seed=args.seed)
 
     def batches():
-        while True:
-            b = next(it)
+        for b in loader:
             pad = b["text_padding_mask"]
             yield Batch(b["image"], b["text"], pad, (1 - pad.float()).sum(1).long().cpu())
-    return batches()
+    return batches(), {"loader": loader.decoder, "threads": loader.threads, "source": source}
 
 
 def main(argv=None) -> dict:
@@ -426,8 +441,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise SystemExit("error: --batch-size and --steps must be >= 1, --warmup >= 0")
-    if args.max_batch and args.data == "dali":
-        raise SystemExit("error: --max-batch uses synthetic batches; drop --data dali")
+    if args.max_batch and args.data != "synthetic":
+        raise SystemExit(f"error: --max-batch uses synthetic batches; drop --data {args.data}")
     ds_config = None
     if args.deepspeed_config:
         try:
@@ -454,15 +469,17 @@ def main(argv=None) -> dict:
           f"device bf16 dense peak: {peak if peak else 'unknown (MFU vs measured only)'}", flush=True)
 
     dist = caption_distribution(base.text_length, args.text_full)
-    if args.data == "dali":
-        batches = _dali_batches(args, base, device)
+    data_info = {"loader": None, "source": "synthetic batches pre-generated on the device"}
+    if args.data != "synthetic":
+        batches, data_info = loader_batches(args, base, device)
+        print(f"data: {data_info}", flush=True)
         lengths = None
     else:
         batches = make_batches(args.num_batches, args.batch_size, base, device, args.text_full, args.seed)
         lengths = torch.cat([b.lengths for b in batches]).double()
         dist["batch_mean_tokens"] = round(float(lengths.mean()), 2)
     print(f"captions: {dist['name']}; mean {dist['mean_tokens']} tokens", flush=True)
-    # FLOPs per sample from the batches' actual lengths (expected kept text; dali: the distribution mean)
+    # FLOPs per sample from the batches' actual lengths (a loader: the stated distribution's mean)
     n = lengths if lengths is not None else torch.full((1,), dist["mean_tokens"])
     flops = {"model_per_sample": m3ae_flops(base, n),
              "reference_per_sample": m3ae_flops(base, n, padded=True, heads_on_all=True),
@@ -472,7 +489,7 @@ def main(argv=None) -> dict:
 
     result = {"meta": env, "args": vars(args), "preset": args.preset, "config": base.to_dict(),
               "precision": "bf16 autocast" if device.type == "cuda" else "fp32 (CPU)",
-              "captions": dist, "matmul": matmul, "peak_bf16_tflops": peak, "flops": flops,
+              "captions": dist, "data": data_info, "matmul": matmul, "peak_bf16_tflops": peak, "flops": flops,
               "num_parameters": sum(v.numel() for v in init_state.values()), "results": []}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,17 @@ def test_failed_variant_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     assert "OOM" in report.markdown(result)
 
 
+def test_loader_in_the_loop_reports_its_decoder_and_data_wait(tmp_path):
+    """--data cpu: the WebDataset loader (Pillow decoder) feeds the steps from shards it writes itself."""
+    result = throughput.main(["--device", "cpu", "--preset", "tiny", "--batch-size", "4", "--steps", "2",
+                              "--warmup", "1", "--variants", "engine", "--data", "cpu", "--out-dir", str(tmp_path)])
+    assert result["data"]["loader"] == "cpu" and "synthetic JPEGs" in result["data"]["source"]
+    (r,) = result["results"]
+    assert r["status"] == "ok", r
+    assert r["data_wait_ms"] >= 0 and r["samples_per_s"] > 0
+    assert "Data: the WebDataset loader in the loop, decoder cpu" in report.markdown(result)
+
+
 @pytest.mark.parametrize("ds_config", ["ds.json", "configs/zero3.json"])
 def test_deepspeed_variant_runs_the_trainers_runtime(ds_config, tmp_path):
     """--deepspeed_config goes through m3ae_engine.runtime.DeepSpeedRuntime, as train.py does ("auto"
