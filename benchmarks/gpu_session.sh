@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Everything a GPU session of issues 7/8 measures, in priority order, bounded to fit one 10-minute
-# device call each. Usage on the device machine (repository root):
-#   bash benchmarks/gpu_session.sh PART      PART = build | tests | large | base | maxbatch | kernels
+# Everything a GPU session of issues 7/8 measures, in priority order, each PART bounded to fit one
+# 10-minute device call. Usage on the device machine (repository root):
+#   bash benchmarks/gpu_session.sh PART
+#   PART = build | tests | kernels | large | ablations | base | maxbatch | data | deepspeed | offload
 # Results go to $OUT/results.tgz (one file: the device tool returns at most 8 files).
+# deepspeed / offload install DeepSpeed offline from .whl/: run `bash benchmarks/fetch_gpu_wheels.sh` here
+# first and pass carry: [".whl"] to the device call.
 # Lessons from 2026-11-24: pip's --no-build-isolation build lacks pybind11 in the device image's
 # pip environment, so the extension is built with CMake directly; torch.compile of the large reference
-# takes > 2 minutes, so `large` gives it its own time budget.
+# takes > 2 minutes, so `large` has only the four headline variants and `ablations` the rest.
 set -uo pipefail
 PART=${1:-large}
 rc=0  # any failing step (tests, sanitizer, benchmark) makes the script exit non-zero
 R=/tmp/m3ae-results; mkdir -p "$R"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export M3AE_GIT_COMMIT=${M3AE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+TP="python3 benchmarks/throughput.py --out-dir $R"
+PRESETS=${PRESETS:-large huge}  # deepspeed / offload (e.g. PRESETS=tiny to check the loop on a CPU)
 
 build() {  # the CUDA extension for this GPU only (about 40 s)
   cmake -S . -B /tmp/m3ae-build -G Ninja -DM3AE_CUDA_ARCHS=90a -DPython_EXECUTABLE="$(which python3)" \
@@ -20,24 +25,56 @@ build() {  # the CUDA extension for this GPU only (about 40 s)
   python3 -c "from m3ae_engine import ops; print(ops.available_backends())"
 }
 
+install_deepspeed() {
+  python3 -c "import deepspeed" 2> /dev/null && return 0
+  ls .whl/deepspeed-*.whl > /dev/null 2>&1 || { echo "no .whl/deepspeed-*.whl: run benchmarks/fetch_gpu_wheels.sh and carry .whl"; return 1; }
+  pip install -q --no-index --find-links .whl deepspeed 2>&1 | tail -3
+  python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)"
+}
+
+table() { grep -E "^\| |error|Error" | grep -v "^| variant\|^|---" | cut -c1-200; }
+
 case "$PART" in
   build) build || rc=1 ;;
   tests) build || rc=1
          timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$R/pytest_gpu.log" | tail -15 || rc=1
          compute-sanitizer --error-exitcode 1 --tool memcheck python3 benchmarks/sanitize_cuda.py 2>&1 | tail -3 || rc=1
          compute-sanitizer --error-exitcode 1 --tool racecheck python3 benchmarks/sanitize_cuda.py 2>&1 | tail -3 || rc=1 ;;
-  large) { build && timeout 500 python3 benchmarks/throughput.py --preset large --batch-size 256 --steps 10 --warmup 3 \
-           --time-limit 420 --out-dir "$R" 2>&1 | tail -14; } || rc=1 ;;
-  base) { build && timeout 300 python3 benchmarks/throughput.py --preset base --batch-size 256 --steps 10 --warmup 3 \
-           --time-limit 240 --out-dir "$R" 2>&1 | tail -14; } || rc=1 ;;
-  maxbatch) { build && timeout 500 python3 benchmarks/throughput.py --preset large --max-batch \
-           --variants reference,engine,engine-padded --steps 5 --warmup 2 --time-limit 420 --out-dir "$R" 2>&1 | tail -10; } || rc=1 ;;
-  kernels) build || rc=1
-           timeout 200 python3 benchmarks/bench_cuda_kernels.py --out "$R" 2>&1 | tail -26 || rc=1
-           timeout 200 python3 benchmarks/kernels.py --presets large --dtypes bf16 --out "$R/kernels.json" 2>&1 | tail -12 || rc=1
-           python3 benchmarks/smoke_gpu.py --preset large --batch-size 256 --steps 6 --profile --rows 30 > "$R/profile.txt" 2>&1 || rc=1
+  kernels) build || rc=1  # device time (CUDA graph), eager time, host cost, kernel breakdown per op
+           timeout 360 python3 benchmarks/kernels.py --presets large --dtypes bf16,fp32 --out "$R/kernels_large.json" 2>&1 \
+             | grep -v "^ " | tail -30 || rc=1
+           timeout 150 python3 benchmarks/smoke_gpu.py --preset large --batch-size 256 --steps 6 --profile --rows 30 \
+             > "$R/profile.txt" 2>&1 || rc=1
            head -45 "$R/profile.txt" | cut -c1-170 ;;
-  *) echo "unknown part $PART (build | tests | large | base | maxbatch | kernels)"; exit 2 ;;
+  large) { build && timeout 540 $TP --preset large --batch-size 256 --steps 10 --warmup 3 --time-limit 480 \
+           --variants reference,engine,engine+compile,reference+compile 2>&1 | tail -14; } || rc=1 ;;
+  ablations) { build && timeout 400 $TP --preset large --batch-size 256 --steps 10 --warmup 3 \
+           --variants engine,engine-no-fused-kernels,engine-padded,engine-sdpa 2>&1 | table; } || rc=1 ;;
+  base) { build && timeout 500 $TP --preset base --batch-size 256 --steps 10 --warmup 3 --time-limit 420 \
+           --variants reference,engine,engine+compile,reference+compile 2>&1 | tail -14; } || rc=1 ;;
+  maxbatch) { build && timeout 500 $TP --preset large --max-batch \
+           --variants reference,engine,engine-padded --steps 5 --warmup 2 --time-limit 420 2>&1 | tail -10; } || rc=1 ;;
+  data) build || rc=1  # loader images/s, then the engine step with the best available loader in the loop
+        timeout 200 python3 benchmarks/dataloader.py --out "$R/dataloader.json" 2>&1 | tail -8 || rc=1
+        for data in synthetic auto; do
+          timeout 150 $TP --preset large --batch-size 256 --variants engine --steps 10 --warmup 3 --data $data \
+            --tag "_data-$data" 2>&1 | grep -E "^\| engine|^Data|error" || rc=1
+        done ;;
+  deepspeed) { build && install_deepspeed; } || rc=1  # ZeRO-2 (ds.json) and ZeRO-3 against the plain engine
+        for preset in $PRESETS; do
+          for cfg in none ds.json configs/zero3.json; do
+            ds=(); [ "$cfg" != none ] && ds=(--deepspeed_config "$cfg")
+            timeout 120 $TP --preset $preset --batch-size 256 --variants engine --steps 5 --warmup 2 "${ds[@]}" \
+              --tag "_ds-$(basename "$cfg" .json)" 2>&1 | table || rc=1
+          done
+        done ;;
+  offload) { build && install_deepspeed; } || rc=1  # ZeRO-3 + CPU offload (DeepSpeed JIT-builds CPU Adam first)
+        for preset in $PRESETS; do
+          timeout 270 $TP --preset $preset --batch-size 256 --variants engine --steps 3 --warmup 1 \
+            --deepspeed_config configs/zero3_offload.json --tag _ds-zero3_offload 2>&1 | table || rc=1
+        done ;;
+  *) echo "unknown part $PART (build | tests | kernels | large | ablations | base | maxbatch | data | deepspeed | offload)"
+     exit 2 ;;
 esac
 tar czf "${OUT:-/tmp}/results.tgz" -C "$R" .
 exit $rc
