@@ -4,16 +4,12 @@ Contract: m3ae_engine.reference.masked_linear_cross_entropy:
   (sum_r w_r * CE(hidden_r @ weight.T + bias, t_r),  sum_r w_r * [argmax_v logits_r == t_r])
 with row_weight w carrying the official per-sample normalisation (1 / max(count, 1e-5) / B).
 
-Liger-Kernel's scheme (FusedLinearCrossEntropy): the rows are processed in chunks; per chunk
-  1. logits [c, V] = hidden_c @ weight.T (+ bias)            cuBLAS, in the input dtype
-  2. one Triton program per row (per few rows in the interpreter): online-softmax log-sum-exp and
-     argmax over V blocks, CE and "correct" times w_r, then a second sweep that overwrites the logits
-     IN PLACE with the gradient w_r * (softmax - onehot(t_r))
-  3. grad_hidden_c = G @ weight, grad_weight += G.T @ hidden_c, grad_bias += G.sum(0)   cuBLAS
-so the gradients are computed during the forward (while the chunk is in memory) and the backward
-only scales them by the incoming scalar gradient. Peak extra memory: one [c, V] chunk (+ an fp32
-[V, D] accumulator for bf16/fp16 weights), independent of N. Gradients are only computed for the
-inputs that require them.
+The chunk loop (cuBLAS matmuls, gradients computed during the forward, peak memory one logits chunk)
+is m3ae_engine.chunked_lce, shared with the CUDA backend; this file is its per-chunk kernel: one Triton
+program per row (per few rows in the interpreter) runs an online-softmax log-sum-exp and argmax over V
+blocks (bias added in fp32), writes the weighted CE and "correct", then sweeps the row again and
+overwrites the logits IN PLACE with the gradient w_r * (softmax - onehot(t_r)). Gradients are only
+computed for the inputs that require them.
 """
 from __future__ import annotations
 
@@ -23,19 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
+from m3ae_engine.chunked_lce import chunked_linear_cross_entropy
+
 from ._common import check, check_device, check_float, check_index, check_range, interpreting
 
 _OP = "m3ae.masked_linear_cross_entropy"
-# logits elements one chunk may hold (fp32: 64 MiB); with V = 30522 that is 512 rows per chunk,
-# large enough that each chunk's matmuls run near the cuBLAS rate
-MAX_CHUNK_ELEMENTS = 1 << 24
 
 
 @triton.jit
-def _ce_chunk_kernel(logits_ptr, tgt_ptr, w_ptr, loss_ptr, correct_ptr, n_rows, V, stride,
-                     WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    # logits [n_rows, V] (row stride `stride`), overwritten by the gradient when WRITE_GRAD;
-    # tgt, w [n_rows]; loss, correct [n_rows] fp32 (weighted)
+def _ce_chunk_kernel(logits_ptr, bias_ptr, tgt_ptr, w_ptr, loss_ptr, correct_ptr, n_rows, V, stride,
+                     HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    # logits [n_rows, >= V] (row stride `stride`), its first V columns overwritten by the gradient when
+    # WRITE_GRAD; bias [V] fp32; tgt, w [n_rows]; loss, correct [n_rows] fp32 (weighted)
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
@@ -51,6 +46,8 @@ def _ce_chunk_kernel(logits_ptr, tgt_ptr, w_ptr, loss_ptr, correct_ptr, n_rows, 
         cols = start + cols0
         msk = rmask[:, None] & (cols < V)[None, :]
         x = tl.load(base + cols[None, :], mask=msk, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + cols, mask=cols < V, other=0.0)[None, :]
         bmax = tl.max(x, axis=1)
         barg = tl.argmax(x, axis=1).to(tl.int64) + start
         best = tl.where(bmax > m, barg, best)  # strict: the first maximum wins, as torch.argmax
@@ -59,7 +56,9 @@ def _ce_chunk_kernel(logits_ptr, tgt_ptr, w_ptr, loss_ptr, correct_ptr, n_rows, 
         m = m_new
     lse = m + tl.log(tl.where(rmask, d, 1.0))
     x_t = tl.load(base + tgt[:, None], mask=rmask[:, None], other=0.0).to(tl.float32)
-    x_t = tl.sum(x_t, axis=1)
+    x_t = tl.sum(x_t, axis=1)  # [ROWS]
+    if HAS_BIAS:
+        x_t += tl.load(bias_ptr + tgt, mask=rmask, other=0.0)
     tl.store(loss_ptr + rows, w * (lse - x_t), mask=rmask)
     tl.store(correct_ptr + rows, tl.where(best == tgt, w, 0.0), mask=rmask)
     if WRITE_GRAD:
@@ -67,54 +66,24 @@ def _ce_chunk_kernel(logits_ptr, tgt_ptr, w_ptr, loss_ptr, correct_ptr, n_rows, 
             cols = start + cols0
             msk = rmask[:, None] & (cols < V)[None, :]
             x = tl.load(base + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                x += tl.load(bias_ptr + cols, mask=cols < V, other=0.0)[None, :]
             p = tl.exp(x - lse[:, None])
             g = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * w[:, None]
             tl.store(base + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=msk)
 
 
-def _chunk_rows(n: int, v: int, chunk_rows: int) -> int:
-    if chunk_rows > 0:
-        return chunk_rows
-    return max(1, min(n, triton.next_power_of_2(max(1, MAX_CHUNK_ELEMENTS // max(v, 1))) // 2 * 2))
-
-
-def _forward(hidden, weight, bias, targets, row_weight, need_h, need_w, need_b, chunk_rows):
-    n, dim = hidden.shape
-    v = weight.shape[0]
-    dev = hidden.device
-    loss_rows = torch.empty(n, dtype=torch.float32, device=dev)  # [N] weighted CE
-    correct_rows = torch.empty(n, dtype=torch.float32, device=dev)  # [N] weighted hits
-    grad_hidden = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
-    # bf16/fp16 weights: accumulate the weight gradient over chunks in fp32, cast once at the end
-    gw_acc = torch.zeros(v, dim, dtype=torch.float32, device=dev) if need_w else None
-    gb_acc = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
-    write_grad = need_h or need_w or need_b
-    c = _chunk_rows(n, v, chunk_rows)
-    rows_per_prog = max(1, min(64, triton.next_power_of_2(c))) if interpreting() else 1
+def _softmax_chunk(logits, bias32, targets, row_weight, row_loss, row_correct, v, write_grad):
+    """The per-chunk kernel for m3ae_engine.chunked_lce: logits [c, Vp] in place."""
+    c = logits.shape[0]
     # one row per program on a GPU (the V-long row is the unit of work, as Liger); a 4K-wide V block
-    # over 8 warps keeps 16 values a thread in registers
+    # over 8 warps keeps 16 values a thread in registers. The interpreter takes many rows per program.
+    rows_per_prog = max(1, min(64, triton.next_power_of_2(c))) if interpreting() else 1
     block_v = min(triton.next_power_of_2(max(v, 1)), max(16, (1 << 15) // rows_per_prog) if interpreting() else 4096)
-    w_t = weight.t()  # [D, V] view
-    bias_c = bias.to(hidden.dtype) if bias is not None else None  # cast once, not once per chunk
-    for s in range(0, n, c):
-        e = min(n, s + c)
-        h = hidden[s:e]  # [c, D]
-        logits = torch.addmm(bias_c, h, w_t) if bias_c is not None else torch.mm(h, w_t)  # [c, V]
-        _ce_chunk_kernel[(triton.cdiv(e - s, rows_per_prog),)](
-            logits, targets[s:e], row_weight[s:e], loss_rows[s:e], correct_rows[s:e], e - s, v, logits.stride(0),
-            WRITE_GRAD=write_grad, ROWS=rows_per_prog, BLOCK_V=block_v, num_warps=8)
-        if need_h:
-            torch.mm(logits, weight, out=grad_hidden[s:e])  # [c, D]
-        if need_w:
-            if logits.dtype == torch.float32:
-                gw_acc.addmm_(logits.t(), h)
-            else:
-                gw_acc += torch.mm(logits.t(), h)  # [V, D]
-        if need_b:
-            gb_acc += torch.sum(logits, 0, dtype=torch.float32)
-    grad_weight = gw_acc.to(weight.dtype) if need_w else weight.new_empty(0)
-    grad_bias = gb_acc.to(bias.dtype) if need_b else weight.new_empty(0)
-    return loss_rows.sum(), correct_rows.sum(), grad_hidden, grad_weight, grad_bias
+    _ce_chunk_kernel[(triton.cdiv(c, rows_per_prog),)](
+        logits, bias32 if bias32 is not None else logits, targets, row_weight, row_loss, row_correct, c, v,
+        logits.stride(0), HAS_BIAS=bias32 is not None, WRITE_GRAD=write_grad, ROWS=rows_per_prog,
+        BLOCK_V=block_v, num_warps=8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,9 +96,12 @@ def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [], accuracy [], grad_hidden [N, D] | [0], grad_weight [V, D] | [0], grad_bias [V] | [0])."""
     check_range(_OP, "targets", targets, 0, weight.shape[0])
-    return _forward(hidden.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
-                    targets.contiguous(), row_weight.contiguous(), need_hidden_grad, need_weight_grad,
-                    need_bias_grad and bias is not None, chunk_rows)
+    loss, correct, gh, gw, gb = chunked_linear_cross_entropy(
+        hidden, weight, bias, targets, row_weight, need_hidden_grad, need_weight_grad, need_bias_grad,
+        _softmax_chunk, chunk_rows=chunk_rows)
+    empty = weight.new_empty(0)
+    return (loss, correct, gh if gh is not None else hidden.new_empty(0), gw if gw is not None else empty,
+            gb if gb is not None else empty.clone())
 
 
 @linear_cross_entropy_op.register_fake
@@ -168,7 +140,7 @@ def masked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias
     """(weighted CE sum, weighted accuracy sum), float32 scalars; the accuracy carries no gradient.
 
     hidden [N, D], weight [V, D], bias [V] or None, targets [N] int in [0, V), row_weight [N] float
-    (not differentiated). chunk_rows: rows per chunk (0 = as many as fit MAX_CHUNK_ELEMENTS logits)."""
+    (not differentiated). chunk_rows: rows per chunk (0 = as many as fit chunked_lce.CHUNK_BYTES)."""
     check(hidden.dim() == 2, f"{_OP}: hidden must be [N, D], got {tuple(hidden.shape)}")
     n, d = hidden.shape
     check(weight.dim() == 2 and weight.shape[1] == d, f"{_OP}: weight must be [V, {d}], got {tuple(weight.shape)}")

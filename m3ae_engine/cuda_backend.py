@@ -15,12 +15,12 @@ so `torch.compile(fullgraph=True)` sees one opaque node per op.
 This module imports cleanly without a GPU and without `_C`; the backend then registers itself as
 unavailable with the reason (see `ops.available_backends()`).
 """
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import ops
+from .chunked_lce import CHUNK_BYTES, chunked_linear_cross_entropy
 from .masking import _scatter_rows
 
 try:  # the compiled extension is optional (no nvcc at install time, or M3AE_BUILD_CUDA=0)
@@ -32,7 +32,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LCE_CHUNK_BYTES = int(os.environ.get("M3AE_LCE_CHUNK_BYTES", 256 << 20))  # logits memory per chunk
+LCE_CHUNK_BYTES = CHUNK_BYTES  # logits memory per chunk (M3AE_LCE_CHUNK_BYTES); the tests shrink it
 _REDUCE_CHUNK_ROWS = 256 if _C is None else int(_C.REDUCE_CHUNK_ROWS)
 
 
@@ -350,60 +350,26 @@ _masked_mse.register_autograd(_mse_grad, setup_context=_mse_setup)
 # ----------------------------------------------------------------------------------------------
 # masked linear cross-entropy
 # ----------------------------------------------------------------------------------------------
-def _lce_chunk_rows(n: int, v: int, itemsize: int) -> int:
-    return max(1, min(n, LCE_CHUNK_BYTES // max(1, v * itemsize)))
+def _lce_softmax_chunk(logits, bias32, targets, row_weight, row_loss, row_correct, v, write_grad):
+    """The per-chunk kernel for m3ae_engine.chunked_lce: logits [c, Vp] in place (csrc/masked_linear_cross_entropy.cu)."""
+    _C.lce_softmax(logits.data_ptr(), logits.stride(0), _code(logits), _ptr(bias32), targets.data_ptr(),
+                   row_weight.data_ptr(), logits.shape[0], v, row_loss.data_ptr(), row_correct.data_ptr(),
+                   bool(write_grad), _dev(logits), _stream(logits))
 
 
 def _linear_cross_entropy_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                targets: torch.Tensor, row_weight: torch.Tensor, compute_grad: bool
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, accuracy, grad_hidden, grad_weight, grad_bias); the grads are d loss / d input (empty
-    without compute_grad) and are scaled by the incoming gradient in the backward."""
-    n, d = hidden.shape
-    v = weight.shape[0]
-    # matmuls in the hidden dtype (bf16/fp16 under autocast, fp32 otherwise); softmax math in fp32
-    cdt = hidden.dtype
-    h = hidden.contiguous()
-    # logits rows padded to a 16-byte multiple (V = 30522 is not): aligned leading dimensions for cuBLAS
-    # and 16-byte loads in the kernel. The zero rows of the padded weight give zero logits that the
-    # kernel never reads and that contribute nothing to grad_hidden.
-    align = 16 // (torch.finfo(cdt).bits // 8)  # elements per 16 bytes
-    vp = -(-v // align) * align
-    wc = weight.to(cdt)
-    if vp != v:
-        wc = torch.nn.functional.pad(wc, (0, 0, 0, vp - v))
-    wc = wc.contiguous()
-    b32 = bias.to(torch.float32).contiguous() if bias is not None else None
-    t = targets.to(torch.int64).contiguous()
-    rw = row_weight.to(torch.float32).contiguous()
-    row_loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    row_correct = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    if compute_grad:
-        g_h = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device)
-        g_w = torch.zeros(vp, d, dtype=torch.float32, device=hidden.device)
-        g_b = torch.zeros(vp, dtype=torch.float32, device=hidden.device) if bias is not None else None
-    chunk = _lce_chunk_rows(n, vp, torch.finfo(cdt).bits // 8)
-    dev, stream = _dev(h), _stream(h)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        hs = h[s:e]
-        logits = torch.mm(hs, wc.t())  # [chunk, Vp] without bias (added in the kernel, fp32)
-        _C.lce_softmax(logits.data_ptr(), logits.stride(0), _code(logits), _ptr(b32), t[s:e].data_ptr(),
-                       rw[s:e].data_ptr(), e - s, v, row_loss[s:e].data_ptr(), row_correct[s:e].data_ptr(),
-                       bool(compute_grad), dev, stream)
-        if compute_grad:  # logits[:, :V] now hold d loss / d logits = w * (softmax - onehot)
-            torch.mm(logits, wc, out=g_h[s:e])
-            g_w.add_(torch.mm(logits.t(), hs))
-            if g_b is not None:
-                g_b.add_(logits.sum(0, dtype=torch.float32))
-    loss = row_loss.sum()
-    acc = row_correct.sum()
+    without compute_grad) and are scaled by the incoming gradient in the backward. Matmuls in the
+    hidden dtype (bf16/fp16 under autocast, fp32 otherwise); softmax math in fp32."""
+    loss, acc, g_h, g_w, g_b = chunked_linear_cross_entropy(
+        hidden, weight, bias, targets, row_weight, compute_grad, compute_grad, compute_grad, _lce_softmax_chunk,
+        chunk_bytes=LCE_CHUNK_BYTES)
+    e0 = hidden.new_empty((0,))
     if not compute_grad:
-        e0 = hidden.new_empty((0,))
         return loss, acc, e0, e0.clone(), e0.clone()
-    g_w = g_w[:v].to(weight.dtype).contiguous()
-    g_b = g_b[:v].to(bias.dtype).contiguous() if g_b is not None else hidden.new_empty((0,))
-    return loss, acc, g_h, g_w, g_b
+    return loss, acc, g_h, g_w, g_b if g_b is not None else e0
 
 
 _linear_cross_entropy = _custom_op("linear_cross_entropy")(_linear_cross_entropy_impl)

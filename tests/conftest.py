@@ -17,6 +17,30 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_problem():
+    """Triton < 3.7's CPU interpreter turns a runtime loop bound into a 1-element array and calls int() on
+    it, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"):
+    every Triton kernel with a data-dependent loop would fail in the tests for a reason outside the code."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    version = lambda s: tuple(int(x) for x in s.split("+")[0].split(".")[:2])  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s CPU interpreter does not work with numpy {numpy.__version__} "
+                "(fixed in triton 3.7): pip install 'numpy<2.4' to run the Triton tests on the CPU")
+    return None
+
+
+def pytest_configure(config):
+    problem = _interpreter_problem()
+    if problem:
+        raise pytest.UsageError(problem)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 

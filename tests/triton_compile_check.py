@@ -50,10 +50,11 @@ def cases(full: bool):
                         gin_ptr="*fp32", out_ptr=p if bwd else "*fp32", M="i32", C="i32", H="i32", W="i32", GW="i32",
                         L="i32", p="i32", P="i32"),
                    dict(IS_UINT8=img == "u8", NORM_PIX=norm, BACKWARD=bwd, BLOCK_R=4, BLOCK_P=1024))
-        for wg in (True, False):
+        for wg, hb in itertools.product((True, False), (True, False)):
             yield ("ce_chunk", lce._ce_chunk_kernel,
-                   dict(logits_ptr=p, tgt_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", correct_ptr="*fp32",
-                        n_rows="i32", V="i32", stride="i32"), dict(WRITE_GRAD=wg, ROWS=1, BLOCK_V=4096))
+                   dict(logits_ptr=p, bias_ptr="*fp32" if hb else p, tgt_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32",
+                        correct_ptr="*fp32", n_rows="i32", V="i32", stride="i32"),
+                   dict(HAS_BIAS=hb, WRITE_GRAD=wg, ROWS=1, BLOCK_V=4096))
 
 
 def main():
