@@ -25,6 +25,7 @@ A variant that fails (OOM, missing backend, compile error) is reported as such a
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -32,6 +33,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -398,7 +400,7 @@ def parse_args(argv=None):
     p.add_argument("--data-path", default=None, help="WebDataset shards for --data LOADER (default: shards of "
                    "synthetic JPEGs of 1-2x the image size, made in a temporary folder)")
     p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                   help="run the engine variants through deepspeed.initialize with this config")
+                   help="run the engine variants through DeepSpeed with this config (the trainer's runtime)")
     p.add_argument("--text-full", action="store_true", help="every caption 64 tokens (no padding)")
     p.add_argument("--num-batches", type=int, default=3, help="pre-generated synthetic batches (cycled)")
     p.add_argument("--time-limit", type=float, default=0,
@@ -420,6 +422,7 @@ def loader_batches(args, config: M3AEConfig, device: torch.device):
     if paths is None:
         n = max(4 * args.batch_size, 64)
         tmp = tempfile.mkdtemp(prefix="m3ae-throughput-shards-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         paths = make_shards(tmp, n, 256, config.image_size, 2 * config.image_size, seed=args.seed)
         source = f"{n} synthetic JPEGs of {config.image_size}-{2 * config.image_size} px in {len(paths)} shards"
     loader = build_loader(paths, batch_size=args.batch_size, image_size=config.image_size,
