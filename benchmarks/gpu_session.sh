@@ -2,7 +2,7 @@
 # Everything a GPU session of issues 7/8 measures, in priority order, each PART bounded to fit one
 # 10-minute device call. Usage on the device machine (repository root):
 #   bash benchmarks/gpu_session.sh PART
-#   PART = build | tests | kernels | large | ablations | base | maxbatch | data | deepspeed | offload
+#   PART = build | tests | kernels | profile | large | ablations | base | maxbatch | data | deepspeed | offload
 # Results go to $OUT/results.tgz (one file: the device tool returns at most 8 files).
 # deepspeed / offload install DeepSpeed offline from .whl/: run `bash benchmarks/fetch_gpu_wheels.sh` here
 # first and pass carry: [".whl"] to the device call.
@@ -44,9 +44,10 @@ case "$PART" in
   kernels) build || rc=1  # device time (CUDA graph), eager time, host cost, kernel breakdown per op
            timeout 360 python3 benchmarks/kernels.py --presets large --dtypes bf16,fp32 --out "$R/kernels_large.json" 2>&1 \
              | grep -v "^ " | tail -30 || rc=1
-           timeout 150 python3 benchmarks/smoke_gpu.py --preset large --batch-size 256 --steps 6 --profile --rows 30 \
-             > "$R/profile.txt" 2>&1 || rc=1
-           head -45 "$R/profile.txt" | cut -c1-170 ;;
+           timeout 150 python3 benchmarks/step_profile.py --variants engine --out-dir "$R" 2>&1 | tail -40 || rc=1 ;;
+  profile) build || rc=1  # where the large step's time goes, engine vs the compiled reference
+           timeout 540 python3 benchmarks/step_profile.py --variants engine,engine+compile,reference+compile \
+             --time-limit 300 --out-dir "$R" 2>&1 | grep -E "^\*\*|^\| [a-z]" | head -60 || rc=1 ;;
   # reference+compile first: its compile (minutes for large) must not be cut by the time limit, which
   # is only checked before a variant starts; the three headline variants then come from one process
   large) { build && timeout 540 $TP --preset large --batch-size 256 --steps 10 --warmup 3 --time-limit 420 \
@@ -76,7 +77,8 @@ case "$PART" in
           timeout 270 $TP --preset $preset --batch-size 256 --variants engine --steps 3 --warmup 1 \
             --deepspeed_config configs/zero3_offload.json --tag _ds-zero3_offload 2>&1 | table || rc=1
         done ;;
-  *) echo "unknown part $PART (build | tests | kernels | large | ablations | base | maxbatch | data | deepspeed | offload)"
+  *) echo "unknown part $PART (build | tests | kernels | profile | large | ablations | base | maxbatch | data |"\
+          "deepspeed | offload)"
      exit 2 ;;
 esac
 tar czf "${OUT:-/tmp}/results.tgz" -C "$R" .

@@ -1,7 +1,7 @@
-"""Quick GPU smoke test of the model path: plan transfer, attention, bf16 autocast, fwd+bwd+step;
-with --profile, a torch.profiler table of two steps (top kernels by CUDA time, then by CPU time).
+"""Quick GPU smoke test of the model path: plan transfer, attention, bf16 autocast, fwd+bwd+step.
+Where the step's time goes: benchmarks/step_profile.py.
 
-python benchmarks/smoke_gpu.py [--preset large] [--batch-size 64] [--steps 10] [--profile]
+python benchmarks/smoke_gpu.py [--preset large] [--batch-size 64] [--steps 10]
 """
 import argparse
 import statistics
@@ -25,8 +25,6 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--kernels", default="auto")
     p.add_argument("--attention", default="auto")
-    p.add_argument("--profile", action="store_true", help="profile two steps after the timed ones")
-    p.add_argument("--rows", type=int, default=25, help="rows of the profiler table")
     a = p.parse_args()
     print("kernels:", ops.available_backends(), "attention:", available_backends())
     c = M3AEConfig.from_preset(a.preset, kernels=a.kernels, attention=a.attention)
@@ -56,14 +54,6 @@ def main():
     ms = statistics.median(times[2:] or times) * 1e3  # the first two steps warm up (when there are more)
     print(f"{a.preset} B={B} kernels={a.kernels} attention={a.attention}: loss {out.loss.item():.4f} "
           f"step {ms:.1f} ms = {B / ms * 1e3:.0f} samples/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    if a.profile:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":
