@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import datetime
+import multiprocessing
 import os
 import platform
 import sys
@@ -43,7 +44,9 @@ def _make(args):
 
 def make_shards(out_dir: str, num_images: int, per_shard: int, lo: int, hi: int, seed: int = 0):
     w = ShardWriter(out_dir, per_shard)
-    with ProcessPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as ex:
+    # fork after CUDA is initialised is unsafe (throughput.py makes its shards after measuring the GPU)
+    ctx = multiprocessing.get_context("spawn") if torch.cuda.is_initialized() else None
+    with ProcessPoolExecutor(max(1, min(16, os.cpu_count() or 1)), mp_context=ctx) as ex:
         for i, (data, cap) in enumerate(ex.map(_make, [(i, seed, lo, hi) for i in range(num_images)],
                                                 chunksize=16)):
             w.write(f"{i:09d}", {"jpg": data, "txt": cap.encode()})

@@ -27,6 +27,7 @@ if "--smoke" in sys.argv:  # the Triton interpreter must be chosen before anythi
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -36,6 +37,7 @@ from typing import Callable, Optional  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment  # noqa: E402
+from _profile import breakdown, device_events  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -86,7 +88,11 @@ def eager_ms(fn: Callable) -> float:
 def device_ms(fn: Callable) -> float:
     """GPU time of fn's launches without the host: captured in a CUDA graph, replayed (median)."""
     from triton.testing import do_bench_cudagraph
-    return do_bench_cudagraph(fn, rep=50, return_mode="median")
+    gc.disable()  # a collection during capture can free tensors the graph uses (triton >= 3.7 does this itself)
+    try:
+        return do_bench_cudagraph(fn, rep=50, return_mode="median")
+    finally:
+        gc.enable()
 
 
 def host_us(fn: Callable, calls: int = 20) -> float:
@@ -104,7 +110,7 @@ def host_us(fn: Callable, calls: int = 20) -> float:
 
 
 def kernel_breakdown(fn: Callable, iters: int = 5, top: int = 8) -> dict:
-    """The device work of one call from torch.profiler: total kernel/memset/memcpy us and the top entries."""
+    """The device work of one call from torch.profiler: kernels/memsets/memcpys, by category and the largest."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -112,18 +118,10 @@ def kernel_breakdown(fn: Callable, iters: int = 5, top: int = 8) -> dict:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    per_name = {}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        acc = per_name.setdefault(e.name, [0.0, 0])
-        acc[0] += e.time_range.elapsed_us()
-        acc[1] += 1
-    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])
-    return {"device_us_per_call": sum(v[0] for v in per_name.values()) / iters,
-            "launches_per_call": sum(v[1] for v in per_name.values()) / iters,
-            "top": [dict(name=name[:100], us_per_call=v[0] / iters, launches_per_call=v[1] / iters)
-                    for name, v in ranked[:top]]}
+    b = breakdown(device_events(prof, cuda=True), iters, step_ms=float("nan"), top=top)
+    return {"device_us_per_call": 1e3 * b["busy_ms"], "launches_per_call": b["launches_per_step"],
+            "top": [dict(name=k["name"], category=k["category"], us_per_call=1e3 * k["ms_per_step"],
+                         launches_per_call=k["launches_per_step"]) for k in b["top_kernels"]]}
 
 
 def copy_bandwidth() -> float:
@@ -315,6 +313,8 @@ def main(argv=None):
           f"commit {meta['git_commit'][:10]}  copy {bw:.0f} GB/s  matmul {meta['matmul_TFLOPs']}")
     if skipped:
         print(f"# skipped backends: {skipped}")
+    out = Path(args.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
+                            else str(ROOT / "benchmarks" / "results" / "kernels.json")))
     rows = []
     hdr = (f"{'op':<22}{'preset':<7}{'dtype':<6}{'backend':<8}{'fwd ms':>9}{'f+b ms':>9}{'%copy':>7}{'x torch':>9}"
            f"{'eager':>9}{'host us':>9}{'peak MiB':>10}{'mm ratio':>9}")
@@ -348,16 +348,20 @@ def main(argv=None):
                     print(f"{op:<22}{preset:<7}{dname:<6}{be:<8}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>9.3f}"
                           f"{r['pct_copy_bw']:>6.0f}%{sp:>9}{r['fwd_bwd_eager_ms']:>9.3f}{r['host_us_fwd_bwd']:>9.0f}"
                           f"{r.get('peak_extra_MiB', float('nan')):>10.0f}{mm:>9}")
-                    for key in ("fwd_device_ms_error", "fwd_bwd_device_ms_error", "kernels_fwd_bwd_error"):
+                    for key in ("fwd_device_ms_error", "fwd_bwd_device_ms_error", "kernels_fwd_bwd_error",
+                                "matmuls_device_ms_error"):
                         if key in r:
-                            print(f"    {key}: {r[key]}")
-    out = Path(args.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
-                            else str(ROOT / "benchmarks" / "results" / "kernels.json")))
+                            print(f"# {op} {be} {key}: {r[key]}")
+                    save(out, meta, rows)  # after every case: a run cut short keeps what it measured
+    save(out, meta, rows)
+    print(f"# wrote {out} and {out.with_suffix('.md')}")
+    return rows
+
+
+def save(out: Path, meta: dict, rows: list) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, results=rows), indent=1, default=str))
     out.with_suffix(".md").write_text(markdown(meta, rows))
-    print(f"# wrote {out} and {out.with_suffix('.md')}")
-    return rows
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import sys
 import time
 import traceback
@@ -30,59 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import throughput  # noqa: E402  (Runner, VARIANTS, make_batches, environment; sets up sys.path for the repo)
+from _profile import CATEGORIES, breakdown, device_events  # noqa: E402
 from m3ae_engine import M3AE, M3AEConfig  # noqa: E402
-
-# (category, pattern over the kernel / op name); the first match wins, so the specific ones come first
-CATEGORIES = [
-    ("engine fused ops", r"m3ae::|_gather_fwd_kernel|gather_rows_kernel|_cls_grad_partial|_unshuffle_fwd|"
-                         r"_kind_grad_partial|_masked_mse_kernel|_ce_chunk_kernel|m3ae[_:]"),
-    ("attention", r"flash|fmha|attention|sdpa|_efficient_attention|cudnn.*(mha|attn)"),
-    ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|aten::(mm|addmm|bmm|matmul|linear|_addmm_activation)$"),
-    ("compiled (inductor)", r"^triton_(poi|per|red|tem)_"),
-    ("layer norm", r"layer_norm|layernorm|LayerNorm"),
-    ("optimizer", r"multi_tensor|fused_adam|FusedAdam|_fused_adamw|adamw|lerp|addcdiv|addcmul"),
-    ("reduction / softmax", r"reduce_kernel|softmax|Softmax|aten::(sum|mean|max|min|amax|logsumexp)$"),
-    ("copy / cast / fill", r"[Mm]emcpy|[Mm]emset|copy_|CatArrayBatchedCopy|_to_copy|[Ff]ill|index|scatter|gather"),
-    ("elementwise", r"elementwise|vectorized|unrolled|gelu|Gelu|aten::(add|mul|sub|div|where|gelu|neg|exp)"),
-]
-_COMPILED = [(name, re.compile(pattern)) for name, pattern in CATEGORIES]
-
-
-def categorize(name: str) -> str:
-    for category, pattern in _COMPILED:
-        if pattern.search(name):
-            return category
-    return "other"
-
-
-def device_events(prof, cuda: bool):
-    """(name, microseconds) of every device event (CUDA), or every aten op's self time (CPU: nested ops
-    are not counted twice)."""
-    for e in prof.events():
-        if cuda:
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                yield e.name, e.time_range.elapsed_us()
-        elif e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"):
-            yield e.name, e.self_cpu_time_total
-
-
-def breakdown(events, steps: int, step_ms: float, top: int = 12) -> dict:
-    per_cat, per_name = {}, {}
-    for name, us in events:
-        c = per_cat.setdefault(categorize(name), [0.0, 0])
-        c[0] += us
-        c[1] += 1
-        n = per_name.setdefault(name, [0.0, 0])
-        n[0] += us
-        n[1] += 1
-    busy_ms = sum(v[0] for v in per_cat.values()) / steps / 1e3
-    cats = [dict(category=k, ms_per_step=v[0] / steps / 1e3, pct_of_step=100 * v[0] / steps / 1e3 / step_ms,
-                 launches_per_step=v[1] / steps) for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1][0])]
-    kernels = [dict(name=k[:120], category=categorize(k), ms_per_step=v[0] / steps / 1e3, launches_per_step=v[1] / steps)
-               for k, v in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]]
-    return dict(busy_ms=busy_ms, idle_ms=step_ms - busy_ms, launches_per_step=sum(c["launches_per_step"] for c in cats),
-                categories=cats, top_kernels=kernels)
-
 
 def profile_variant(name: str, args, base: M3AEConfig, init_state: dict, device: torch.device, batches) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -137,6 +85,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def save(stem: Path, result: dict) -> str:
+    """Write <stem>.json and <stem>.md; returns the markdown."""
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    md = markdown(result)
+    Path(f"{stem}.md").write_text(md)
+    return md
+
+
 def main(argv=None) -> dict:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,6 +122,10 @@ def main(argv=None) -> dict:
     init_state = {k: v.detach().clone() for k, v in M3AE(base).state_dict().items()}
     batches = throughput.make_batches(max(2, args.profile_steps), args.batch_size, base, device, False, args.seed)
     env = throughput.environment(device)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = (f"step_profile_{args.preset}_b{args.batch_size}_{throughput.report.slug(env['device'])}_"
+            f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')}")
     result = {"meta": env, "preset": args.preset, "batch_size": args.batch_size, "steps": args.steps,
               "profile_steps": args.profile_steps, "categories": CATEGORIES, "results": []}
     for name in names:
@@ -175,13 +135,8 @@ def main(argv=None) -> dict:
             continue
         print(f"[{name}] ...", flush=True)
         result["results"].append(profile_variant(name, args, base, init_state, device, batches))
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = (f"step_profile_{args.preset}_b{args.batch_size}_{throughput.report.slug(env['device'])}_"
-            f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')}")
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    md = markdown(result)
-    (out_dir / f"{stem}.md").write_text(md)
+        save(out_dir / stem, result)  # after every variant: a run cut short keeps what it measured
+    md = save(out_dir / stem, result)
     print(md, flush=True)
     print(f"wrote {out_dir / stem}.json and .md", flush=True)
     result["json_path"] = str(out_dir / f"{stem}.json")

@@ -414,8 +414,9 @@ def parse_args(argv=None):
 
 
 def loader_batches(args, config: M3AEConfig, device: torch.device):
-    """(endless iterator of Batch from the WebDataset loader, what it is). Without --data-path it first
-    writes shards of synthetic JPEGs (1-2x the image size, varied aspect ratios) to a temporary folder."""
+    """(a function giving each variant a fresh endless iterator of Batch from the WebDataset loader,
+    the caption lengths of its first batch, what it is). Without --data-path it first writes shards of
+    synthetic JPEGs (1-2x the image size, varied aspect ratios) to a temporary folder."""
     from m3ae_engine.data import build_loader
     from dataloader import make_shards
     paths, source = args.data_path, args.data_path
@@ -428,11 +429,12 @@ def loader_batches(args, config: M3AEConfig, device: torch.device):
     loader = build_loader(paths, batch_size=args.batch_size, image_size=config.image_size,
                           text_length=config.text_length, decoder=args.data, device=str(device), seed=args.seed)
 
-    def batches():
+    def batches():  # the loaders resume where the last iterator stopped; a variant's failure ends only its own
         for b in loader:
             pad = b["text_padding_mask"]
             yield Batch(b["image"], b["text"], pad, (1 - pad.float()).sum(1).long().cpu())
-    return batches(), {"loader": loader.decoder, "threads": loader.threads, "source": source}
+    first_lengths = next(batches()).lengths  # for the FLOPs: these captions, not the stated distribution
+    return batches, first_lengths, {"loader": loader.decoder, "threads": loader.threads, "source": source}
 
 
 def main(argv=None) -> dict:
@@ -446,6 +448,9 @@ def main(argv=None) -> dict:
         raise SystemExit("error: --batch-size and --steps must be >= 1, --warmup >= 0")
     if args.max_batch and args.data != "synthetic":
         raise SystemExit(f"error: --max-batch uses synthetic batches; drop --data {args.data}")
+    if args.max_batch and args.deepspeed_config:
+        raise SystemExit("error: --max-batch probes OOMs, which leave DeepSpeed's ZeRO buffers in an undefined "
+                         "state; drop --deepspeed_config (or find the batch with --batch-size runs)")
     ds_config = None
     if args.deepspeed_config:
         try:
@@ -473,21 +478,22 @@ def main(argv=None) -> dict:
 
     dist = caption_distribution(base.text_length, args.text_full)
     data_info = {"loader": None, "source": "synthetic batches pre-generated on the device"}
+    new_iterator = None
     if args.data != "synthetic":
-        batches, data_info = loader_batches(args, base, device)
+        new_iterator, lengths, data_info = loader_batches(args, base, device)
+        lengths = lengths.double()
+        dist["batch_mean_tokens"] = round(float(lengths.mean()), 2)
         print(f"data: {data_info}", flush=True)
-        lengths = None
     else:
         batches = make_batches(args.num_batches, args.batch_size, base, device, args.text_full, args.seed)
         lengths = torch.cat([b.lengths for b in batches]).double()
         dist["batch_mean_tokens"] = round(float(lengths.mean()), 2)
     print(f"captions: {dist['name']}; mean {dist['mean_tokens']} tokens", flush=True)
-    # FLOPs per sample from the batches' actual lengths (a loader: the stated distribution's mean)
-    n = lengths if lengths is not None else torch.full((1,), dist["mean_tokens"])
-    flops = {"model_per_sample": m3ae_flops(base, n),
-             "reference_per_sample": m3ae_flops(base, n, padded=True, heads_on_all=True),
-             "padded_per_sample": m3ae_flops(base, n, padded=True),
-             "model_breakdown_per_sample": m3ae_flops(base, n, breakdown=True)}
+    # FLOPs per sample from the batches' actual caption lengths (a loader: those of its first batch)
+    flops = {"model_per_sample": m3ae_flops(base, lengths),
+             "reference_per_sample": m3ae_flops(base, lengths, padded=True, heads_on_all=True),
+             "padded_per_sample": m3ae_flops(base, lengths, padded=True),
+             "model_breakdown_per_sample": m3ae_flops(base, lengths, breakdown=True)}
     executed = {"reference": flops["reference_per_sample"], "engine-padded": flops["padded_per_sample"]}
 
     result = {"meta": env, "args": vars(args), "preset": args.preset, "config": base.to_dict(),
@@ -506,7 +512,8 @@ def main(argv=None) -> dict:
             res = {"variant": name, "status": "skipped", "error": f"--time-limit {args.time_limit:g}s reached"}
         else:
             print(f"[{name}] ...", flush=True)
-            res = run_variant(name, args, base, init_state, device, batches, ds_config)
+            res = run_variant(name, args, base, init_state, device, new_iterator() if new_iterator else batches,
+                              ds_config)
         if res["status"] == "ok":
             fps = executed.get(name.replace("+compile", ""), flops["model_per_sample"])
             res["model_tflops"] = res["samples_per_s"] * flops["model_per_sample"] / 1e12

@@ -37,16 +37,17 @@ def padded_vocab(v: int, dtype: torch.dtype) -> int:
     return -(-v // align) * align
 
 
-def rows_per_chunk(n: int, vp: int, itemsize: int, chunk_rows: int = 0, chunk_bytes: int = CHUNK_BYTES) -> int:
+def rows_per_chunk(n: int, vp: int, itemsize: int, chunk_rows: int = 0, chunk_bytes: Optional[int] = None) -> int:
     if chunk_rows > 0:
         return chunk_rows
-    return max(1, min(n, chunk_bytes // max(1, vp * itemsize)))
+    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes  # read at call time (tests shrink it)
+    return max(1, min(n, budget // max(1, vp * itemsize)))
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                  targets: torch.Tensor, row_weight: torch.Tensor, need_hidden: bool,
                                  need_weight: bool, need_bias: bool, softmax_chunk: SoftmaxChunk,
-                                 chunk_rows: int = 0, chunk_bytes: int = CHUNK_BYTES
+                                 chunk_rows: int = 0, chunk_bytes: Optional[int] = None
                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [], correct [] (both fp32 sums over rows), grad_hidden [N, D], grad_weight [V, D], grad_bias [V]):
     the gradients of the loss (None where not needed), in the dtypes of hidden / weight / bias.

@@ -387,6 +387,7 @@ def _(hidden, weight, bias, targets, row_weight, compute_grad):
 
 def _lce_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
+    ctx.computed = inputs[5]  # compute_grad: N = 0 rows give empty gradients that were still computed
     _, _, g_h, g_w, g_b = output
     ctx.save_for_backward(g_h, g_w, g_b)
 
@@ -394,7 +395,7 @@ def _lce_setup(ctx, inputs, output):
 def _lce_grad(ctx, grad_loss, grad_acc, _gh, _gw, _gb):
     g_h, g_w, g_b = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if g_h.numel() == 0 and (need[0] or need[1] or (need[2] and ctx.has_bias)):
+    if not ctx.computed and (need[0] or need[1] or (need[2] and ctx.has_bias)):
         raise RuntimeError("m3ae_cuda::linear_cross_entropy: gradients were not computed in the forward "
                            "(called under no_grad / inference mode?)")
     scale = grad_loss.to(torch.float32)

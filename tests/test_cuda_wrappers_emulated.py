@@ -296,3 +296,14 @@ def test_linear_cross_entropy_wrapper(emulated, monkeypatch, dtype, with_bias, c
         else:  # bf16 logits/gradients: cancellation makes single elements noisy; bound the norm error
             err = ((a.float() - r.float()).norm() / r.float().norm()).item()
             assert err < 2e-2, err
+
+
+def test_linear_cross_entropy_wrapper_without_rows(emulated):
+    """No masked text rows in the batch: zero loss, zero gradients (not 'gradients were not computed')."""
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(29, 8, requires_grad=True)
+    b = torch.randn(29, requires_grad=True)
+    loss, acc = emulated.linear_cross_entropy(h, w, b, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    assert float(loss.detach()) == 0.0 and float(acc) == 0.0
+    gh, gw, gb = torch.autograd.grad(loss, (h, w, b))
+    assert gh.shape == (0, 8) and not gw.any() and not gb.any()

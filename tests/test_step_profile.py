@@ -1,4 +1,5 @@
-"""benchmarks/step_profile.py: the kernel-name categories and a CPU smoke run (no timing assertions)."""
+"""benchmarks/_profile.py (kernel-name categories, the per-step breakdown) and a CPU smoke run of
+benchmarks/step_profile.py (no timing assertions)."""
 import sys
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import _profile  # noqa: E402
 import step_profile  # noqa: E402
 
 
@@ -30,17 +32,34 @@ import step_profile  # noqa: E402
     ("some_unknown_kernel", "other"),
 ])
 def test_kernel_names_fall_in_their_category(name, category):
-    assert step_profile.categorize(name) == category
+    assert _profile.categorize(name) == category
 
 
 def test_breakdown_adds_up():
     events = [("nvjet_tst_x", 3000.0), ("nvjet_tst_x", 1000.0), ("_ce_chunk_kernel", 500.0), ("other_k", 500.0)]
-    b = step_profile.breakdown(events, steps=2, step_ms=3.0)
+    b = _profile.breakdown(events, steps=2, step_ms=3.0)
     assert b["busy_ms"] == pytest.approx(2.5) and b["idle_ms"] == pytest.approx(0.5)
     assert b["launches_per_step"] == 2
     assert [c["category"] for c in b["categories"]] == ["matmul", "engine fused ops", "other"]
     assert b["categories"][0]["pct_of_step"] == pytest.approx(100 * 2.0 / 3.0)
     assert b["top_kernels"][0]["name"] == "nvjet_tst_x" and b["top_kernels"][0]["ms_per_step"] == pytest.approx(2.0)
+
+
+def test_user_annotation_spans_are_not_counted_as_kernels():
+    """A GPU user annotation (e.g. Optimizer.step) spans other kernels: counting it would count them twice."""
+    import torch
+
+    class Event:
+        def __init__(self, name, us, annotation=False):
+            self.name, self.is_user_annotation = name, annotation
+            self.device_type = torch.autograd.DeviceType.CUDA
+            self.time_range = type("R", (), {"elapsed_us": lambda _self: us})()
+
+    class Prof:
+        def events(self):
+            return [Event("nvjet_tst_x", 10.0), Event("Optimizer.step#AdamW.step", 50.0, annotation=True)]
+
+    assert list(_profile.device_events(Prof(), cuda=True)) == [("nvjet_tst_x", 10.0)]
 
 
 def test_step_profile_smoke_on_cpu(tmp_path):

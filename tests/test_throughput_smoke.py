@@ -65,6 +65,20 @@ def test_loader_in_the_loop_reports_its_decoder_and_data_wait(tmp_path):
     assert "Data: the WebDataset loader in the loop, decoder cpu" in report.markdown(result)
 
 
+def test_max_batch_with_deepspeed_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="max-batch"):
+        throughput.main(["--device", "cpu", "--max-batch", "--deepspeed_config", "ds.json", "--out-dir", str(tmp_path)])
+
+
+def test_shards_are_made_with_spawned_workers_once_cuda_is_initialised(tmp_path, monkeypatch):
+    """fork after CUDA initialisation is unsafe: make_shards then uses spawned workers (same JPEGs)."""
+    import dataloader
+    forked = dataloader.make_shards(str(tmp_path / "fork"), 6, 4, 32, 48)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    spawned = dataloader.make_shards(str(tmp_path / "spawn"), 6, 4, 32, 48)
+    assert [Path(p).read_bytes() for p in forked] == [Path(p).read_bytes() for p in spawned]
+
+
 @pytest.mark.parametrize("ds_config", ["ds.json", "configs/zero3.json"])
 def test_deepspeed_variant_runs_the_trainers_runtime(ds_config, tmp_path):
     """--deepspeed_config goes through m3ae_engine.runtime.DeepSpeedRuntime, as train.py does ("auto"
