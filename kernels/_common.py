@@ -70,15 +70,6 @@ def check_range(op: str, name: str, t: torch.Tensor, lo: int, hi: int) -> None:
     check(lo <= mn and mx < hi, f"{op}: {name} must lie in [{lo}, {hi}), found values in [{mn}, {mx}]")
 
 
-def inverse_map(row_source: torch.Tensor, lo: int, n: int) -> torch.Tensor:
-    """inv [n] int32: inv[s - lo] = t where row_source[t] = s (lo <= s < lo + n), else -1.
-    A scatter, no host synchronisation (used when a caller does not pass the inverse map); the
-    masking plans build theirs with the same scatter."""
-    from m3ae_engine.masking import _scatter_rows
-    src = row_source.long() - lo
-    return _scatter_rows(src, torch.arange(src.numel(), device=src.device), (src >= 0) & (src < n), n, -1)
-
-
 @triton.jit
 def gather_rows_kernel(src_ptr, idx_ptr, out_ptr, n_rows, D,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -97,10 +88,10 @@ def gather_rows_kernel(src_ptr, idx_ptr, out_ptr, n_rows, D,
              mask=rmask[:, None] & cmask[None, :])
 
 
-def gather_rows(src: torch.Tensor, idx: torch.Tensor, out_dtype=None) -> torch.Tensor:
+def gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """[len(idx), D] rows of src (zero where idx < 0), one Triton launch."""
     n, d = idx.numel(), src.shape[-1]
-    out = torch.empty(n, d, dtype=out_dtype or src.dtype, device=src.device)
+    out = torch.empty(n, d, dtype=src.dtype, device=src.device)
     if n == 0 or d == 0:
         return out
     br, bd = row_blocks(d, n)

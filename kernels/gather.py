@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check, check_device, check_float, check_index, check_range, gather_rows, inverse_map,
+from m3ae_engine.masking import inverse_map
+
+from ._common import (check, check_device, check_float, check_index, check_range, gather_rows,
                       reduce_rows_per_program, row_blocks)
 
 _OP = "m3ae.gather"

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check, check_device, check_float, check_index, check_range, gather_rows, inverse_map,
+from m3ae_engine.masking import decoder_row_of_visible
+
+from ._common import (check, check_device, check_float, check_index, check_range, gather_rows,
                       reduce_rows_per_program, row_blocks)
 
 _OP = "m3ae.unshuffle"
@@ -220,9 +222,7 @@ def unshuffle(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddings:
     check_device(_OP, visible, mask_tokens=mask_tokens, type_embeddings=type_embeddings, pos_table=pos_table,
                  row_visible=row_visible, row_kind=row_kind, row_pos=row_pos, row_of_visible=row_of_visible)
     if row_of_visible is None:
-        valid = (row_kind >= 0).to(row_visible.dtype)
-        # rows that do not read a visible row map to -1 (out of [0, T)): not inverted
-        row_of_visible = inverse_map(torch.where(valid > 0, row_visible, torch.full_like(row_visible, -1)), 0, t)
+        row_of_visible = decoder_row_of_visible(row_visible, row_kind, t)
     check_index("row_of_visible", _OP, row_of_visible, t)
     return unshuffle_op(visible, mask_tokens, type_embeddings, pos_table, row_visible, row_kind, row_pos,
                         row_of_visible)

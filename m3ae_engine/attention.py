@@ -327,12 +327,6 @@ def _math_impl(qkv, cu_seqlens, max_seqlen, scale, compute_dtype=None):
     return _unpad(out_p, index, valid, qkv.shape[0])
 
 
-def varlen_attention_math(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float] = None,
-                          compute_dtype: Optional[torch.dtype] = None):
-    """q, k, v [T, H, Dh] packed -> [T, H, Dh]. Rows past cu_seqlens[-1] get zeros."""
-    return _math_impl(torch.stack([q, k, v], 1), cu_seqlens, max_seqlen, scale, compute_dtype)
-
-
 # ----------------------------------------------------------------------------------------------
 # SDPA on the padded layout
 # ----------------------------------------------------------------------------------------------

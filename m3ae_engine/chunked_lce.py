@@ -40,7 +40,7 @@ def padded_vocab(v: int, dtype: torch.dtype) -> int:
 def rows_per_chunk(n: int, vp: int, itemsize: int, chunk_rows: int = 0, chunk_bytes: Optional[int] = None) -> int:
     if chunk_rows > 0:
         return chunk_rows
-    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes  # read at call time (tests shrink it)
+    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes  # read at call time (M3AE_LCE_CHUNK_BYTES)
     return max(1, min(n, budget // max(1, vp * itemsize)))
 
 

@@ -21,7 +21,7 @@ import torch
 
 from . import ops
 from .chunked_lce import CHUNK_BYTES, chunked_linear_cross_entropy
-from .masking import _scatter_rows
+from .masking import decoder_row_of_visible, inverse_map
 
 try:  # the compiled extension is optional (no nvcc at install time, or M3AE_BUILD_CUDA=0)
     from . import _C  # type: ignore[attr-defined]
@@ -71,12 +71,6 @@ def _rows2d(x: torch.Tensor, d: int) -> torch.Tensor:
 
 def _i32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
-
-
-def _inverse_map(codes: torch.Tensor, lo: int, n: int) -> torch.Tensor:
-    """inv[i] = row r with codes[r] == lo + i, else -1 (int32 [n]); computed without a host sync."""
-    s = codes.long() - lo
-    return _scatter_rows(s, torch.arange(s.numel(), device=s.device), (s >= 0) & (s < n), n, -1)
 
 
 def _reduce_workspace(rows: int, slots: int, d: int, device) -> torch.Tensor:
@@ -159,10 +153,10 @@ def _gather_grad(ctx, grad):
     n_image = n_image if need[0] else 0
     n_text = n_text if need[1] else 0
     if n_image and image_row_of is None:
-        image_row_of = _inverse_map(row_source, 0, n_image)
+        image_row_of = inverse_map(row_source, 0, n_image)
     if n_text and text_row_of is None:
         lo = img_meta[0].numel() // img_meta[0][-1] if img_meta is not None else 0
-        text_row_of = _inverse_map(row_source, lo, n_text)
+        text_row_of = inverse_map(row_source, lo, n_text)
     gi, gt, gc = _gather_backward(grad, row_source, image_row_of, text_row_of, n_image, n_text,
                                   bool(need[2] and cls_meta is not None))
     out_i = gi.view(img_meta[0]).to(img_meta[1]) if n_image else None
@@ -248,9 +242,7 @@ def _unshuffle_grad(ctx, grad):
     d = vshape[-1]
     n_visible = vshape.numel() // d if need[0] else 0
     if n_visible and row_of_visible is None:
-        kind = row_kind.long()
-        vis = torch.where(kind >= 0, row_visible.long(), torch.full_like(kind, -1))
-        row_of_visible = _inverse_map(vis, 0, n_visible)
+        row_of_visible = decoder_row_of_visible(row_visible, row_kind, n_visible)
     with_types = tmeta is not None and bool(need[2])
     need_params = bool(need[1]) or with_types
     gv, gp = _unshuffle_backward(grad, row_visible, row_kind,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -85,16 +85,13 @@ class MaskingPlan:
     text_row_weight: Optional[torch.Tensor]  # [Nt] float32 (0 for filler rows)
 
     def to(self, device) -> "MaskingPlan":
-        """Move every tensor to `device`; integer maps travel in one pinned, non-blocking copy."""
+        """Move every tensor to `device` in one pinned, non-blocking copy (see transfer)."""
         device = torch.device(device)
-        fields = {}
-        int_items, float_items = [], []
-        layouts = {}
+        fields, items, layouts = {}, [], {}
 
         def visit(name, value):
             if isinstance(value, torch.Tensor) and value.device != device:
-                (int_items if not value.is_floating_point() and value.dtype != torch.bool else float_items
-                 ).append((name, value))
+                items.append((name, value))
             else:
                 fields[name] = value
 
@@ -106,21 +103,7 @@ class MaskingPlan:
                     visit(f"{f.name}.{lf.name}", getattr(v, lf.name))
             else:
                 visit(f.name, v)
-        moved = {}
-        for items, dtype in ((int_items, torch.int64), (float_items, torch.float32)):
-            if not items:
-                continue
-            flat = torch.cat([t.reshape(-1).to(dtype) for _, t in items])
-            if device.type == "cuda":
-                flat = flat.pin_memory().to(device, non_blocking=True)
-            else:
-                flat = flat.to(device)
-            offset = 0
-            for name, t in items:
-                n = t.numel()
-                moved[name] = flat[offset:offset + n].view(t.shape).to(t.dtype)
-                offset += n
-        fields.update(moved)
+        fields.update(zip([name for name, _ in items], transfer([t for _, t in items], device)))
         out = {}
         for name, layout in layouts.items():
             out[name] = SequenceLayout(**{lf.name: fields.pop(f"{name}.{lf.name}")
@@ -129,13 +112,46 @@ class MaskingPlan:
         return MaskingPlan(**out)
 
 
-def _scatter_rows(dest: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, rows: int, fill: int,
+def transfer(tensors: List[torch.Tensor], device) -> List[torch.Tensor]:
+    """The tensors on `device` after one copy: their raw bytes packed into one buffer (each segment 8-byte
+    aligned, so every dtype can view its own), pinned and copied non-blocking to a GPU, then viewed back in
+    each tensor's dtype and shape. No casts, one launch, whatever the mix of dtypes."""
+    device = torch.device(device)
+    if not tensors:
+        return []
+    segments, offsets, offset = [], [], 0
+    for t in tensors:
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        pad = -raw.numel() % 8
+        segments += [raw, raw.new_zeros(pad)]
+        offsets.append(offset)
+        offset += raw.numel() + pad
+    flat = torch.cat(segments)
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    return [flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for t, o in zip(tensors, offsets)]
+
+
+def _scatter_rows(dest: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, rows: int, fill,
                   dtype=torch.int32) -> torch.Tensor:
     """out[rows] = fill; out[dest[valid]] = values[valid], without boolean indexing (no sync)."""
-    out = torch.full((rows + 1,), fill, dtype=torch.int64, device=dest.device)
+    out = torch.full((rows + 1,), fill, dtype=dtype, device=dest.device)
     dest = torch.where(valid, dest, torch.full_like(dest, rows))
-    out.scatter_(0, dest.reshape(-1), values.reshape(-1).to(torch.int64))
-    return out[:rows].to(dtype)
+    out.scatter_(0, dest.reshape(-1), values.reshape(-1).to(dtype))
+    return out[:rows]
+
+
+def inverse_map(codes: torch.Tensor, lo: int, n: int) -> torch.Tensor:
+    """inv [n] int32: inv[i] = r where codes[r] == lo + i, else -1 (one scatter, no host sync). Inverts a
+    gather map (e.g. the packed row of each image token from enc_row_source)."""
+    s = codes.long() - lo
+    return _scatter_rows(s, torch.arange(s.numel(), device=s.device), (s >= 0) & (s < n), n, -1)
+
+
+def decoder_row_of_visible(row_visible: torch.Tensor, row_kind: torch.Tensor, n_visible: int) -> torch.Tensor:
+    """[n_visible] int32: the decoder row fed by each visible (encoder) row, -1 if none; the inverse of
+    the unshuffle's row_visible over the rows that read one (row_kind >= 0)."""
+    vis = torch.where(row_kind >= 0, row_visible.long(), torch.full_like(row_visible, -1, dtype=torch.long))
+    return inverse_map(vis, 0, n_visible)
 
 
 def _layout_rows(lengths: torch.Tensor, slot: int, packed: bool, batch: int, exact: bool):
@@ -293,10 +309,7 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
         text_pred_rows = _scatter_rows(t_dest, dec_row, m_valid, t_rows, 0, torch.int64)
         text_target_index = _scatter_rows(t_dest, ar_b[:, None] * Lt + m_pos, m_valid, t_rows, 0, torch.int64)
         w = (1.0 / m_count.clamp_min(1).double() / B).float()  # official: / max(count, 1e-5); count 0 -> no rows
-        wrow = torch.zeros(t_rows + 1, dtype=torch.float32, device=dev)
-        wrow.scatter_(0, torch.where(m_valid, t_dest, torch.full_like(t_dest, t_rows)).reshape(-1),
-                      w[:, None].expand(B, lm_t).reshape(-1))
-        text_row_weight = wrow[:t_rows]
+        text_row_weight = _scatter_rows(t_dest, w[:, None].expand(B, lm_t), m_valid, t_rows, 0.0, torch.float32)
 
     return MaskingPlan(
         batch=B, num_patches=Li, text_length=Lt, image_keep=Ki, text_keep=Kt,

@@ -266,12 +266,10 @@ class M3AE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def make_plan(self, batch: int, has_image: bool, text_padding_mask: Optional[torch.Tensor],
-                  generator=None, image_noise=None, text_noise=None, mask_ratios=None) -> MaskingPlan:
+                  generator=None, image_noise=None, text_noise=None) -> MaskingPlan:
         c = self.config
-        img_ratio, txt_ratio = mask_ratios if mask_ratios is not None else (c.image_mask_ratio, c.text_mask_ratio)
-        return build_plan(batch, c.num_patches, int(c.num_patches * (1.0 - img_ratio)), text_padding_mask,
-                          c.text_length, int(c.text_length * (1.0 - txt_ratio)), has_image=has_image,
-                          packed=c.packed, sharing=c.mask_sharing, device=self.cls_token.device,
+        return build_plan(batch, c.num_patches, c.image_keep, text_padding_mask, c.text_length, c.text_keep,
+                          has_image=has_image, packed=c.packed, sharing=c.mask_sharing, device=self.cls_token.device,
                           generator=generator, image_noise=image_noise, text_noise=text_noise)
 
     def encode(self, image, text, plan: MaskingPlan) -> torch.Tensor:
@@ -327,6 +325,9 @@ class M3AE(nn.Module):
         if plan is None:
             plan = self.make_plan(b, image is not None, text_padding_mask, generator, image_noise, text_noise)
         plan = plan.to(dev)
+        # once on the device: the encoder embeds them, the losses read them (text ids come from the CPU)
+        image = image.to(dev, non_blocking=True) if image is not None else None
+        text = text.to(dev, non_blocking=True) if text is not None else None
         x = self.encode(image, text, plan)
         d = self.decode(x, plan)
 
@@ -334,7 +335,7 @@ class M3AE(nn.Module):
         if image is not None:
             lm = plan.num_patches - plan.image_keep
             pred = self.decoder_image_output(d[plan.image_pred_rows])  # [B*Lm, P]
-            image_loss = ops.masked_mse(pred, image.to(dev, non_blocking=True), plan.image_patch_index,
+            image_loss = ops.masked_mse(pred, image, plan.image_patch_index,
                                         plan.image_row_weight, c.patch_size, c.norm_pix_loss,
                                         c.image_mean, c.image_std, backend=self._kernels())
             image_pred = pred.view(b, lm, -1)
@@ -342,7 +343,7 @@ class M3AE(nn.Module):
         text_loss = text_acc = logits = None
         if text is not None:
             h = d[plan.text_pred_rows]  # [Nt, Dd]
-            targets = text.to(dev, non_blocking=True).reshape(-1).long()[plan.text_target_index]
+            targets = text.reshape(-1).long()[plan.text_target_index]
             text_loss, text_acc = ops.linear_cross_entropy(h, self.decoder_text_output.weight,
                                                            self.decoder_text_output.bias, targets,
                                                            plan.text_row_weight, backend=self._kernels())

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import reference
+from .masking import inverse_map
 
 BACKEND_ORDER = ("cuda", "triton", "torch")  # fastest first; see benchmarks/results for the measurement
 # Per-op exceptions to the order, from the H100 measurement (benchmarks/results/cuda_kernels_*.json,
@@ -224,15 +225,12 @@ def unshuffle(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: to
     if cls_first:
         vis = torch.cat([rows * kv, vis], 1)
         kind = torch.cat([torch.full((n, 1), reference.KIND_CLS, device=dev), kind], 1)
-    row_of_visible = torch.full((n * kv + 1,), -1, dtype=torch.int64, device=dev)
     vis_flat = vis.reshape(-1)
-    dest = torch.where(vis_flat >= 0, vis_flat, n * kv)
-    row_of_visible.scatter_(0, dest, torch.arange(n * s, device=dev))
     mask_tokens = torch.stack([mask_token.reshape(d), mask_token.reshape(d)])  # image slot used
     out = unshuffle_rows(x_visible.reshape(n * kv, d), mask_tokens, None, None,
                          vis_flat.to(torch.int32), kind.reshape(-1).to(torch.int32),
                          torch.zeros(n * s, dtype=torch.int32, device=dev),
-                         row_of_visible[:-1].to(torch.int32), backend=backend)
+                         inverse_map(vis_flat, 0, n * kv), backend=backend)
     return out.view(n, s, d)
 
 

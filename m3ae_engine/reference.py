@@ -163,7 +163,6 @@ def unshuffle(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddings:
     """
     vis = row_visible.long()
     kind = row_kind.long()
-    d = visible.shape[-1]
     out_dtype = visible.dtype
     is_tok = (kind == KIND_IMAGE) | (kind == KIND_TEXT)
     kind_c = kind.clamp(0, 1)

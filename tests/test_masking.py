@@ -1,6 +1,6 @@
 import torch
 
-from m3ae_engine.masking import build_plan
+from m3ae_engine.masking import build_plan, transfer
 from m3ae_engine.reference import CLS_SOURCE, FILLER_SOURCE
 
 
@@ -102,3 +102,17 @@ def test_padded_layout_sizes():
     plan, _ = _plan([12, 5, 1], packed=False)
     assert plan.enc.rows == 3 * (1 + 4 + 3) and plan.dec.rows == 3 * (1 + 16 + 12)
     assert plan.enc.key_padding_mask.shape == (3, 8)
+
+
+def test_transfer_packs_every_dtype_into_one_buffer_and_views_it_back():
+    """MaskingPlan.to's single copy: int32 / int64 / float32 / bool tensors of odd sizes (unaligned byte
+    counts) come back equal, with their own dtype and shape, as views of one buffer."""
+    plan, _ = _plan([5, 12, 3])
+    tensors = [v for obj in (plan, plan.enc, plan.dec) for v in vars(obj).values() if isinstance(v, torch.Tensor)]
+    tensors += [torch.tensor([True, False, True]), torch.zeros(0, dtype=torch.int32), torch.arange(5).view(5, 1)]
+    assert {t.dtype for t in tensors} >= {torch.int32, torch.int64, torch.float32, torch.bool}
+    moved = transfer(tensors, "cpu")
+    base = moved[0].untyped_storage().data_ptr()
+    for t, m in zip(tensors, moved):
+        assert m.dtype == t.dtype and m.shape == t.shape and torch.equal(m, t)
+        assert m.untyped_storage().data_ptr() == base  # one buffer, one copy
