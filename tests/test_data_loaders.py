@@ -61,6 +61,16 @@ def test_patterns(shards):
     assert expand_sources(paths) == paths
 
 
+@pytest.mark.parametrize("decoder", ["cpu", "text"] + (["dali"] if dali_available() else []))
+def test_worker_options_of_other_decoders_are_dropped_but_a_misspelt_option_is_an_error(shards, decoder):
+    paths, _, _ = shards
+    kw = dict(decoder="cpu" if decoder == "text" else decoder, device="cpu",
+              modality="text" if decoder == "text" else "paired")
+    build_loader(paths, B, S, L, num_workers=0, num_threads=1, shuffle_buffer=8, **kw)  # a run's one set
+    with pytest.raises(TypeError, match="shufle"):
+        build_loader(paths, B, S, L, shufle=False, **kw)
+
+
 def test_errors_name_the_file(shards, tmp_path):
     paths, _, d = shards
     missing = os.path.join(d, "00007.tar")

@@ -13,6 +13,7 @@ DALI cannot skip a corrupt image mid-batch (the pipeline raises): validate shard
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import Dict, Iterator, List, Optional
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 
 from ..config import CC12M_MEAN, CC12M_STD
-from .sources import (IMAGE_EXTS, DataError, build_table, expand_sources, index_path_for, load_index,
-                      write_index)
+from .sources import (IMAGE_EXTS, DataError, build_table, decode_text, expand_sources, index_is_current,
+                      index_path_for, load_index, write_index)
 from .transforms import RATIO, SCALE
 
 
@@ -43,16 +44,17 @@ def ensure_indices(paths: List[str], index_dir: Optional[str] = None):
         idx = index_path_for(p)
         ix = load_index(p)  # the .idx file when current (checked against the tar), else a header scan
         indices.append(ix)
-        if os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(p):
-            out.append(idx)
-            continue
         if index_dir is None and os.access(os.path.dirname(os.path.abspath(p)), os.W_OK):
             target = idx
-        else:
+        elif index_is_current(idx, p):
+            target = idx
+        else:  # a stable name per shard path (not hash(), which changes per process): reused across runs
             d = index_dir or os.path.join(tempfile.gettempdir(), "m3ae-dali-index")
             os.makedirs(d, exist_ok=True)
-            target = os.path.join(d, f"{abs(hash(os.path.abspath(p))):x}-{os.path.basename(idx)}")
-        write_index(ix, target)
+            digest = hashlib.sha1(os.path.abspath(p).encode()).hexdigest()[:16]
+            target = os.path.join(d, f"{digest}-{os.path.basename(idx)}")
+        if not index_is_current(target, p):
+            write_index(ix, target)
         out.append(target)
     return out, indices
 
@@ -66,7 +68,7 @@ class DaliLoader:
                  random_crop: bool = True, flip: bool = True, scale=SCALE, ratio=RATIO,
                  modality: str = "paired", tokenizer=None, num_threads: int = 4,
                  shuffle_buffer: int = 4096, prefetch: int = 2, index_dir: Optional[str] = None,
-                 hw_decoder_load: float = 0.65, **_unused):
+                 hw_decoder_load: float = 0.65):
         from ..tokenizer import default_tokenizer
         if not dali_available():
             raise RuntimeError("DALI is not installed: pip install nvidia-dali-cuda130 (or -cuda120)")
@@ -184,7 +186,7 @@ class DaliLoader:
             batch = {"image": img, "decoder": self.decoder}
             if self.modality == "paired":
                 tl = outs[1]
-                caps = [bytes(np.array(tl[i])).decode("utf-8", errors="replace").strip() for i in range(len(tl))]
+                caps = [decode_text(bytes(np.array(tl[i]))) for i in range(len(tl))]
                 batch["text"], batch["text_padding_mask"] = self.tokenizer.encode_batch(caps)
                 batch["caption"] = caps
             self.step += 1

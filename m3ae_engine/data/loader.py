@@ -1,7 +1,7 @@
 """`build_loader`: the best available WebDataset loader, and `MixedLoader` for unpaired data."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import numpy as np
 import torch
@@ -49,22 +49,22 @@ def build_loader(sources, batch_size: int, image_size: int = 256, text_length: i
     device = torch.device(device)
     common = dict(rank=rank, world_size=world_size, seed=seed)
     if modality == "text":
-        return TextLoader(sources, batch_size, text_length, **common, **kw)
+        return TextLoader(sources, batch_size, text_length, **common, **_without(kw, "text"))
     if decoder == "auto":
         decoder = best_decoder(device)
-    if decoder == "dali":
-        kw.pop("num_workers", None)
-        return DaliLoader(sources, batch_size, image_size, text_length, device=device, modality=modality,
-                          **common, **kw)
-    if decoder == "nvjpeg":
-        kw.pop("num_workers", None)
-        kw.pop("shuffle_buffer", None)
-        return NvJpegLoader(sources, batch_size, image_size, text_length, device=device, modality=modality,
-                            **common, **kw)
-    kw.pop("num_threads", None)
-    kw.pop("shuffle_buffer", None)
-    return PillowLoader(sources, batch_size, image_size, text_length, device=device, modality=modality,
-                        **common, **kw)
+    cls = {"dali": DaliLoader, "nvjpeg": NvJpegLoader, "cpu": PillowLoader}[decoder]
+    return cls(sources, batch_size, image_size, text_length, device=device, modality=modality, **common,
+               **_without(kw, decoder))
+
+
+# Worker options a run passes whatever decoder `auto` picks; each loader drops those it has no use for.
+# Any other unknown keyword reaches the loader and is an error there (a misspelt option is not ignored).
+_NOT_USED_BY = {"dali": ("num_workers",), "nvjpeg": ("num_workers", "shuffle_buffer"),
+                "cpu": ("num_threads", "shuffle_buffer"), "text": ("num_workers", "num_threads", "shuffle_buffer")}
+
+
+def _without(kw: dict, loader: str) -> dict:
+    return {k: v for k, v in kw.items() if k not in _NOT_USED_BY[loader]}
 
 
 def mix_schedule(ratios: Dict[str, float], seed: int, step: int, block: int = 100) -> str:

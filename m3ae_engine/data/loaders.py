@@ -25,15 +25,11 @@ import torch
 from ..config import CC12M_MEAN, CC12M_STD
 from ..reference import normalize_image
 from .order import RankOrder
-from .sources import DataError, Reader, build_table, expand_sources, read_text_lines
+from .sources import DataError, Reader, build_table, decode_text, expand_sources, read_text_lines
 from .transforms import (RATIO, SCALE, augment_gpu, augment_pil, decode_pil, jpeg_components,
                          sample_params)
 
 MAX_WARNINGS = 20
-
-
-def _decode_text(data: bytes) -> str:
-    return data.decode("utf-8", errors="replace").strip()
 
 
 class _ShardLoaderBase:
@@ -106,7 +102,7 @@ class _ShardLoaderBase:
         cap = None
         if self.modality == "paired":
             toff, tsize = t.text[idx]
-            cap = _decode_text(self.reader.read(int(t.shard[idx]), int(toff), int(tsize)))
+            cap = decode_text(self.reader.read(int(t.shard[idx]), int(toff), int(tsize)))
         return epoch, idx, img, cap
 
     def _tokenise(self, captions: Sequence[str]):
@@ -115,7 +111,7 @@ class _ShardLoaderBase:
     def _finish(self, batch: Dict) -> Dict:
         """Main process: device transfer, normalisation, corrupt-sample accounting."""
         bad = batch.pop("corrupt")
-        self.samples_read += len(batch["key"]) if "key" in batch else 0
+        self.samples_read += len(batch["key"])
         for key, err in bad:
             self.corrupt_count += 1
             if len(self.corrupt_samples) < 1000:
@@ -357,7 +353,7 @@ class TextLoader:
 
     def __init__(self, sources, batch_size: int, text_length: int = 64, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, epochs: Optional[int] = None, tokenizer=None,
-                 drop_last: bool = True, **_unused):
+                 drop_last: bool = True):
         from ..tokenizer import default_tokenizer
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -380,7 +376,7 @@ class TextLoader:
             return self.lines[idx]
         i = idx - len(self.lines)
         off, size = self.table.text[i]
-        return _decode_text(self.reader.read(int(self.table.shard[i]), int(off), int(size)))
+        return decode_text(self.reader.read(int(self.table.shard[i]), int(off), int(size)))
 
     def __len__(self):
         n = self.order.num_batches(self.batch_size, self.drop_last)

@@ -30,9 +30,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from .sources import (IMAGE_EXTS, DataError, expand_sources, index_path_for, iter_tar_samples, scan_tar,
-                      split_name, write_index)
-from .transforms import is_jpeg
+from .sources import (IMAGE_EXTS, DataError, decode_text, expand_sources, index_path_for, iter_tar_samples,
+                      scan_tar, write_index)
+from .transforms import decode_pil, is_jpeg
 
 PIL_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -84,13 +84,8 @@ class ShardWriter:
 
 
 def to_jpeg(data: bytes, quality: int = 95) -> bytes:
-    from PIL import Image
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    if img.mode != "RGB":
-        img = img.convert("RGB")
     b = io.BytesIO()
-    img.save(b, "JPEG", quality=quality)
+    decode_pil(data).save(b, "JPEG", quality=quality)
     return b.getvalue()
 
 
@@ -272,7 +267,7 @@ def shard_stats(paths: List[str], text_length: int = 64) -> dict:
             if "txt" in mem:
                 n_txt += 1
                 off, sz = mem["txt"]
-                caps.append(r.read(0, off, sz).decode("utf-8", errors="replace").strip())
+                caps.append(decode_text(r.read(0, off, sz)))
         r.close()
         if caps:
             lengths += [len(e.ids) for e in tok._tok.encode_batch(caps, add_special_tokens=False)]

@@ -19,7 +19,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TEXT_EXTS = ("txt",)
 INDEX_VERSION = "v1.2"  # DALI tools/wds2idx.py
 
 
@@ -90,8 +89,12 @@ def split_name(name: str) -> Tuple[str, str]:
 
 
 def index_path_for(tar_path: str) -> str:
-    base, ext = os.path.splitext(tar_path)
-    return base + ".idx"
+    return os.path.splitext(tar_path)[0] + ".idx"
+
+
+def decode_text(data: bytes) -> str:
+    """A caption member's text: UTF-8 (undecodable bytes replaced, never fatal), stripped."""
+    return data.decode("utf-8", errors="replace").strip()
 
 
 # ---------------------------------------------------------------------------------------------- index
@@ -196,12 +199,17 @@ def read_index(idx_path: str, tar_path: Optional[str] = None) -> ShardIndex:
     return ShardIndex(tar_path or idx_path, keys, members)
 
 
+def index_is_current(idx_path: str, tar_path: str) -> bool:
+    """An index file that exists and is not older than its tar (a rewritten shard invalidates it)."""
+    return os.path.exists(idx_path) and os.path.getmtime(idx_path) >= os.path.getmtime(tar_path)
+
+
 def load_index(tar_path: str, use_idx: bool = True) -> ShardIndex:
     """The shard's index from its `.idx` file when present and not older than the tar, else a header scan."""
     if not os.path.exists(tar_path):
         raise DataError(f"shard not found: {tar_path}")
     idx = index_path_for(tar_path)
-    if use_idx and os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(tar_path):
+    if use_idx and index_is_current(idx, tar_path):
         return read_index(idx, tar_path)
     return scan_tar(tar_path)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
-
-import numpy as np
+from typing import Dict, List, Sequence, Tuple
 
 from .shards import ShardWriter
 from .synthetic import make_sample

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
