@@ -13,17 +13,14 @@ filler tail). Prints a table, the recommended AUTO_ORDER, and writes everything 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import git_commit  # noqa: E402
+from _env import environment, error_text, median_ms  # noqa: E402
 
 import torch
 
@@ -41,45 +38,6 @@ def realistic_lengths(stack: str, batch: int, gen: torch.Generator):
     kept = torch.rand(batch, 64, generator=gen).argsort(1)[:, :16]  # 16 kept of 64 text positions
     n_text = (kept < caption[:, None]).sum(1)  # kept positions that are not padding
     return (1 + 64 + n_text).tolist(), 1 + 64 + 16
-
-
-def bench(fn, device: torch.device, warmup_ms=25, rep_ms=100) -> float:
-    """Median milliseconds of fn()."""
-    if device.type == "cuda":
-        try:
-            import triton.testing
-            return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-        except ImportError:
-            pass
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(30):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-    for mod in ("triton", "flash_attn", "flash_attn_interface", "xformers"):
-        try:
-            out[mod] = getattr(__import__(mod), "__version__", "installed")
-        except Exception:
-            out[mod] = None
-    return out
 
 
 def main(argv=None):
@@ -145,12 +103,12 @@ def main(argv=None):
                         qkv.grad = None
                         A.varlen_attention_qkvpacked(qkv, cu, max_seqlen, **call).backward(grad)
 
-                    row["fwd_ms"] = bench(fwd, device, rep_ms=args.rep_ms)
-                    row["fwd_bwd_ms"] = bench(fwd_bwd, device, rep_ms=args.rep_ms)
+                    row["fwd_ms"] = median_ms(fwd, device, rep_ms=args.rep_ms)
+                    row["fwd_bwd_ms"] = median_ms(fwd_bwd, device, rep_ms=args.rep_ms)
                     row["fwd_tflops"] = flops_fwd / row["fwd_ms"] / 1e9
                     row["fwd_bwd_tflops"] = 3.5 * flops_fwd / row["fwd_bwd_ms"] / 1e9  # bwd = 2.5 x fwd
                 except Exception as e:  # a backend that refuses these shapes is a result, not a crash
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                    row["error"] = error_text(e)
                 results.append(row)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -182,13 +140,8 @@ def main(argv=None):
     print(f"(current AUTO_ORDER = {A.AUTO_ORDER!r})")
 
     if args.out:
-        dev_info = {"type": device.type}
-        if device.type == "cuda":
-            props = torch.cuda.get_device_properties(device)
-            dev_info.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                            memory_gib=round(props.total_memory / 2 ** 30, 1))
-        payload = dict(benchmark="attention", date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                       commit=git_commit(), device=dev_info, versions=versions(), args=vars(args),
+        payload = dict(benchmark="attention", meta=environment(device, ("flash_attn", "flash_attn_interface", "xformers")),
+                       args=vars(args),
                        availability=availability, auto_order=list(A.AUTO_ORDER),
                        recommended_auto_order=list(recommended), totals_fwd_bwd_ms=totals, results=results)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import datetime
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import git_commit  # noqa: E402
+from _env import environment  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -118,18 +116,8 @@ def main(argv=None):
         t = time.perf_counter()
         paths = make_shards(tmp.name, args.images, args.per_shard, args.min_px, args.max_px)
         print(f"made {len(paths)} shards of {args.images} JPEGs in {time.perf_counter() - t:.1f}s", flush=True)
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-               "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-               "commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    results = {"meta": environment(torch.device(device), ("torchvision", "nvidia.dali")), "cpu_count": os.cpu_count(),
                "images": args.images, "source_px": [args.min_px, args.max_px], "loaders": []}
-    try:
-        import torchvision
-        results["torchvision"] = torchvision.__version__
-    except Exception:
-        pass
-    if dali_available():
-        import nvidia.dali
-        results["dali"] = nvidia.dali.__version__
     for dec in decoders:
         try:
             r = bench(paths, dec, device, args)

@@ -29,14 +29,13 @@ if "--smoke" in sys.argv:  # the Triton interpreter must be chosen before anythi
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment  # noqa: E402
+from _env import environment, error_text, matmul_tflops, median_ms  # noqa: E402
 from _profile import breakdown, device_events  # noqa: E402
 
 import torch  # noqa: E402
@@ -73,16 +72,7 @@ def make_plan(s: dict, seed: int = 0):
 # ----------------------------------------------------------------------------------------------
 def eager_ms(fn: Callable) -> float:
     """One call as user code issues it: median of do_bench (L2 flushed between calls); CPU: wall clock."""
-    if DEV != "cuda":
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return median_ms(fn, DEV)
 
 
 def device_ms(fn: Callable) -> float:
@@ -130,14 +120,6 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = eager_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / ms / 1e6
-
-
-def matmul_rate(dtype) -> float:
-    n = 8192 if DEV == "cuda" else 64
-    a = torch.randn(n, n, device=DEV, dtype=dtype)
-    b = torch.randn(n, n, device=DEV, dtype=dtype)
-    ms = eager_ms(lambda: a @ b)
-    return 2 * n ** 3 / ms / 1e9  # TFLOP/s
 
 
 def build_case(op: str, s: dict, plan, dtype, gen):
@@ -196,7 +178,7 @@ def _try(res: dict, key: str, measure: Callable) -> None:
         res[key] = measure()
     except Exception as e:  # noqa: BLE001
         res[key] = None
-        res[key + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        res[key + "_error"] = error_text(e, 200)
 
 
 def run_case(op, s, plan, dtype, backend, seed=0):
@@ -308,7 +290,7 @@ def main(argv=None):
     env = environment(torch.device(DEV))
     bw = copy_bandwidth()
     meta = dict(env, batch=args.batch, copy_GBps=bw, skipped_backends=skipped,
-                matmul_TFLOPs={d: round(matmul_rate(DTYPES[d]), 1) for d in args.dtypes.split(",")})
+                matmul_TFLOPs={d: round(matmul_tflops(DEV, DTYPES[d])["tflops"], 1) for d in args.dtypes.split(",")})
     print(f"# {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  CUDA {meta['cuda']}  "
           f"commit {meta['git_commit'][:10]}  copy {bw:.0f} GB/s  matmul {meta['matmul_TFLOPs']}")
     if skipped:
@@ -330,7 +312,7 @@ def main(argv=None):
                     try:
                         r = run_case(op, s, plan, dtype, be)
                     except Exception as e:  # keep going: one failing case must not lose the table
-                        r = dict(op=op, backend=be, error=f"{type(e).__name__}: {e}")
+                        r = dict(op=op, backend=be, error=error_text(e))
                         traceback.print_exc()
                     r.update(preset=preset, dtype=dname, shapes=s)
                     if DEV == "cuda":

@@ -49,14 +49,11 @@ def profile_variant(name: str, args, base: M3AEConfig, init_state: dict, device:
                 torch.cuda.synchronize(device)
         res.update(breakdown(device_events(prof, cuda), args.profile_steps, res["step_ms"]))
     except Exception as e:  # noqa: BLE001 - a failing variant is a result, the run goes on
-        res["status"] = "OOM" if throughput.is_oom(e) else "error"
-        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        throughput.record_failure(res, e)
         traceback.print_exc()
     finally:
         del runner
-        if throughput.VARIANTS[name].get("compile"):
-            torch._dynamo.reset()
-        throughput.free_memory(device)
+        throughput.release_variant(name, device)
     return res
 
 
@@ -108,10 +105,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out-dir", default=str(throughput.ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if cuda else "cpu"))
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in throughput.VARIANTS]
-    if unknown or not names:
-        raise SystemExit(f"error: unknown variant(s) {unknown}; choose from {', '.join(throughput.VARIANTS)}")
+    names = throughput.parse_variants(args.variants)
     if args.steps < 1 or args.profile_steps < 1 or args.warmup < 0:
         raise SystemExit("error: --steps and --profile-steps must be >= 1, --warmup >= 0")
     if device.type == "cuda":

@@ -117,46 +117,7 @@ def make_batches(n: int, batch: int, config: M3AEConfig, device: torch.device, t
 # ----------------------------------------------------------------------------------------------
 # environment
 # ----------------------------------------------------------------------------------------------
-from _env import environment  # noqa: E402,F401  (device, versions, driver, commit, date of a result)
-
-
-def measure_matmul_tflops(device: torch.device) -> dict:
-    """bf16 8192^3 torch.matmul on random data, median of do_bench (CPU: fp32 1024^3, median of 5)."""
-    if device.type == "cuda":
-        n = 8192
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        try:
-            from triton.testing import do_bench
-            ms = do_bench(lambda: torch.matmul(a, b), warmup=100, rep=500, return_mode="median")
-        except Exception:  # no triton: CUDA events
-            ms = _median_cuda_ms(lambda: torch.matmul(a, b), 10, 50)
-        del a, b
-        torch.cuda.empty_cache()
-        return {"size": n, "dtype": "bfloat16", "ms": ms, "tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
-    return {"size": n, "dtype": "float32", "ms": ms, "tflops": 2 * n ** 3 / (ms * 1e-3) / 1e12}
-
-
-def _median_cuda_ms(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+from _env import environment, error_text, matmul_tflops  # noqa: E402  (device, versions, commit, date; clocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,18 +300,36 @@ def run_variant(name: str, args, base: M3AEConfig, init_state: dict, device: tor
         res["samples_per_s"] = res["batch_size"] / (res["step_ms"] * 1e-3)  # from the median step
         res["samples_per_s_wall"] = res["batch_size"] * args.steps / res["wall_s"]  # mean over the timed steps
     except Exception as e:  # noqa: BLE001 - a failing variant is a result, the run goes on
-        res["status"] = "OOM" if is_oom(e) else "error"
-        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        record_failure(res, e)
         if res["status"] == "error":
             res["traceback"] = traceback.format_exc(limit=6)
             print(res["traceback"], file=sys.stderr, flush=True)
     finally:
         res["variant_seconds"] = round(time.perf_counter() - t0, 1)
         del runner
-        if VARIANTS[name].get("compile"):
-            torch._dynamo.reset()  # drop compiled graphs (and what they hold) before the next variant
-        free_memory(device)
+        release_variant(name, device)
     return res
+
+
+def parse_variants(text: str) -> List[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise SystemExit(f"error: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def record_failure(res: dict, e: BaseException) -> None:
+    """A failing variant is a result (OOM or error), and the run goes on."""
+    res["status"] = "OOM" if is_oom(e) else "error"
+    res["error"] = error_text(e)
+
+
+def release_variant(name: str, device: torch.device) -> None:
+    """After a variant (its runner deleted): drop compiled graphs and what they hold, free the memory."""
+    if VARIANTS[name].get("compile"):
+        torch._dynamo.reset()
+    free_memory(device)
 
 
 def _max_batch(runner: Runner, args, base: M3AEConfig, device: torch.device) -> dict:
@@ -440,10 +419,7 @@ def loader_batches(args, config: M3AEConfig, device: torch.device):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise SystemExit(f"error: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    names = parse_variants(args.variants)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise SystemExit("error: --batch-size and --steps must be >= 1, --warmup >= 0")
     if args.max_batch and args.data != "synthetic":
@@ -471,7 +447,7 @@ def main(argv=None) -> dict:
     env = environment(device)
     print(f"throughput: {env['device']} torch {env['torch']} triton {env['triton']} cuda {env['cuda']} "
           f"commit {env['git_commit'][:12]}", flush=True)
-    matmul = measure_matmul_tflops(device)
+    matmul = matmul_tflops(device)
     peak = device_peak_tflops(env["device"]) if device.type == "cuda" else None
     print(f"measured {matmul['dtype']} matmul {matmul['size']}^3: {matmul['tflops']:.1f} TFLOP/s; "
           f"device bf16 dense peak: {peak if peak else 'unknown (MFU vs measured only)'}", flush=True)
