@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_exported, consolidated_state_dict
 from .config import ConfigError, M3AEConfig
+from .data.sources import expand_braces, split_sources
 from .logging_utils import Logger, flops_per_sample_fn, memory_gb, peak_flops
 from .model import M3AE
 from .optim import warmup_cosine
@@ -61,7 +61,6 @@ def _require_files(spec: str, flag: str) -> None:
     """A data pattern that matches no file at all is a config error, raised before any work (the
     loader itself then names any single missing or unreadable shard)."""
     import glob
-    from .data.sources import expand_braces
     for pattern in expand_braces(spec):
         if glob.glob(pattern) if any(c in pattern for c in "*?[") else Path(pattern).exists():
             return
@@ -69,22 +68,17 @@ def _require_files(spec: str, flag: str) -> None:
 
 
 def check_data(cfg: TrainConfig):
-    """Fail before any work when the data cannot be read: the loader is missing or no file matches."""
+    """Fail before any work when a data pattern matches no file (paired data and unpaired text);
+    returns the shard loader's builder, or None for synthetic data."""
+    if cfg.unpaired_text_data not in (None, "synthetic"):
+        for spec in split_sources(cfg.unpaired_text_data):
+            _require_files(spec, "--unpaired-text-data")
     if cfg.data == "synthetic":
         return None
-    try:
-        from .data import build_loader
-    except ImportError:
-        raise ConfigError(f"--data {cfg.data}: webdataset loading not available in this build "
-                          f"(m3ae_engine.data.build_loader is missing); use --data synthetic") from None
-    for spec in data_sources(cfg.data):
+    from .data import build_loader
+    for spec in split_sources(cfg.data):
         _require_files(spec, "--data")
     return build_loader
-
-
-def data_sources(spec: str):
-    """'a/{000..009}.tar::b/*.tar' -> the patterns, read together as one sample set."""
-    return [s for s in spec.split("::") if s]
 
 
 def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int, build_loader=None,
@@ -95,7 +89,7 @@ def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro
                                 seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
                                 rank=info.rank, world_size=info.world_size)
     device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
-    return build_loader(data_sources(cfg.data), batch_size=micro, image_size=model_config.image_size,
+    return build_loader(split_sources(cfg.data), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
                         world_size=info.world_size, num_workers=cfg.num_workers, device=device,
                         modality="image" if cfg.modality == "image" else "paired")
@@ -111,10 +105,7 @@ def build_unpaired_text(cfg: TrainConfig, model_config: M3AEConfig, info: DistIn
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed + UNPAIRED_SEED_OFFSET, rank=info.rank, world_size=info.world_size)
     from .data import build_loader
-    sources = [p for p in re.split(r"::|,", cfg.unpaired_text_data) if p]
-    for spec in sources:
-        _require_files(spec, "--unpaired-text-data")
-    return build_loader(sources, batch_size=micro, image_size=model_config.image_size,
+    return build_loader(split_sources(cfg.unpaired_text_data), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed + UNPAIRED_SEED_OFFSET,
                         rank=info.rank, world_size=info.world_size, modality="text")
 

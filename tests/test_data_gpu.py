@@ -1,13 +1,12 @@
 """GPU loaders (pytest -m gpu): nvJPEG path and DALI `mixed` give the CPU path's shapes and close pixels."""
-import io
 import os
-import tarfile
 
 import pytest
 import torch
 
 from m3ae_engine.data import build_loader, dali_available, nvjpeg_available
 from m3ae_engine.data.testdata import write_test_shards
+from shard_helpers import plant
 
 pytestmark = pytest.mark.gpu
 B, S, L = 8, 64, 32
@@ -76,13 +75,7 @@ def test_nvjpeg_resume_and_corrupt(shards, tmp_path):
     for x, y in zip(rest, full[3:]):
         assert x["key"] == y["key"] and torch.equal(x["image"], y["image"])
     bad = tmp_path / "bad.tar"
-    with tarfile.open(paths[0]) as src, tarfile.open(bad, "w") as dst:
-        for m in src:
-            data = src.extractfile(m).read()
-            if m.name == "000000002.jpg":
-                data = b"\xff\xd8\xff" + os.urandom(400)
-                m.size = len(data)
-            dst.addfile(m, io.BytesIO(data))
+    plant(paths[0], bad, {"000000002.jpg": b"\xff\xd8\xff" + os.urandom(400)})
     loader = build_loader(str(bad), 12, S, L, decoder="nvjpeg", device="cuda", epochs=1, max_corrupt_fraction=1.0)
     with pytest.warns(RuntimeWarning, match="000000002"):
         out = list(loader)

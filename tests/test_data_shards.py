@@ -4,14 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
-
-import pytest
 
 from m3ae_engine.data import dali_available
 from m3ae_engine.data.shards import main
 from m3ae_engine.data.sources import read_index, scan_tar
 from m3ae_engine.data.testdata import jpeg_bytes, write_test_shards
+from shard_helpers import members, plant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,11 +24,6 @@ def _image_folder(d, n=5):
             f.write(data)
         caps[name] = cap
     return caps
-
-
-def _members(tar):
-    with tarfile.open(tar) as tf:
-        return {m.name: tf.extractfile(m).read() for m in tf}
 
 
 def test_write_sidecar_csv_jsonl(tmp_path, capsys):
@@ -49,7 +42,7 @@ def test_write_sidecar_csv_jsonl(tmp_path, capsys):
     got = {}
     for s in shards:
         assert os.path.exists(s[:-4] + ".idx")
-        mem = _members(s)
+        mem = members(s)
         for name, data in mem.items():
             if name.endswith(".json"):
                 meta = json.loads(data)
@@ -63,13 +56,13 @@ def test_write_sidecar_csv_jsonl(tmp_path, capsys):
     csvf = tmp_path / "caps.csv"
     csvf.write_text("path,caption\n" + "".join(f'{k},"{v}, indeed"\n' for k, v in caps.items()))
     assert main(["write", str(src), str(tmp_path / "csv"), "--captions", str(csvf)]) == 0
-    mem = _members(str(tmp_path / "csv" / "00000.tar"))
+    mem = members(str(tmp_path / "csv" / "00000.tar"))
     assert sorted(v.decode() for k, v in mem.items() if k.endswith(".txt")) == sorted(f"{v}, indeed" for v in caps.values())
 
     jl = tmp_path / "caps.jsonl"
     jl.write_text("".join(json.dumps({"path": k, "caption": v.upper()}) + "\n" for k, v in caps.items()))
     assert main(["write", str(src), str(tmp_path / "jl"), "--captions", str(jl)]) == 0
-    mem = _members(str(tmp_path / "jl" / "00000.tar"))
+    mem = members(str(tmp_path / "jl" / "00000.tar"))
     assert sorted(v.decode() for k, v in mem.items() if k.endswith(".txt")) == sorted(v.upper() for v in caps.values())
 
     bad = tmp_path / "bad.jsonl"
@@ -104,22 +97,9 @@ def test_index_is_dali_wds2idx(tmp_path):
         assert sorted(bytes(np.array(out[i])).decode() for i in range(5)) == sorted(caps.values())
 
 
-def _plant(src_tar, dst_tar, edits):
-    """Copy a shard, replacing members: edits {member name: bytes or None (drop)}."""
-    with tarfile.open(src_tar) as src, tarfile.open(dst_tar, "w") as dst:
-        for m in src:
-            data = src.extractfile(m).read()
-            if m.name in edits:
-                data = edits[m.name]
-                if data is None:
-                    continue
-                m.size = len(data)
-            dst.addfile(m, io.BytesIO(data))
-
-
 def test_validate_names_exactly_the_planted_samples(tmp_path, capsys):
     paths, caps = write_test_shards(str(tmp_path / "src"), num_shards=2, per_shard=8, index=False)
-    good = _members(paths[0])
+    good = members(paths[0])
     from PIL import Image
     png = io.BytesIO()
     Image.new("RGB", (32, 32), (0, 0, 255)).save(png, "PNG")
@@ -132,9 +112,9 @@ def test_validate_names_exactly_the_planted_samples(tmp_path, capsys):
     }
     os.makedirs(tmp_path / "dirty")
     dirty = str(tmp_path / "dirty" / "00000.tar")
-    _plant(paths[0], dirty, planted)
+    plant(paths[0], dirty, planted)
     clean_other = str(tmp_path / "dirty" / "00001.tar")
-    _plant(paths[1], clean_other, {})
+    plant(paths[1], clean_other, {})
     rc = main(["validate", str(tmp_path / "dirty" / "{00000..00001}.tar")])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 1

@@ -119,13 +119,7 @@ def test_gather_gpu_launch_config():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gather_gpu_large(dtype):
     # M3AE-large encoder: B=256, D=1024, Li=256 (Ki=64), Lt=64 (Kt=16)
-    gen = torch.Generator().manual_seed(6)
-    b, li, lt, d = 256, 256, 64, 1024
-    pad = text_padding(b, lt, gen)
-    plan = build_plan(b, li, 64, pad, lt, 16, generator=gen).to("cuda")
-    img = torch.randn(b, li, d, generator=gen).to("cuda", dtype).requires_grad_()
-    txt = torch.randn(b, lt, d, generator=gen).to("cuda", dtype).requires_grad_()
-    cls = torch.randn(d, generator=gen).to("cuda", dtype).requires_grad_()
+    plan, img, txt, cls, gen = _inputs(256, 256, 64, 1024, dtype, True, seed=6)
     _compare(plan, img, txt, cls, dtype, gen)
 
 

@@ -58,17 +58,24 @@ def test_epochs_replace_steps():
     assert TrainConfig().effective_base_lr == 1.5e-3 and TrainConfig(preset="base").effective_base_lr == 1.5e-4
 
 
-def test_missing_data(tmp_path, monkeypatch):
+def test_missing_data(tmp_path):
     import m3ae_engine.data as data
     cfg = TrainConfig(data=str(tmp_path / "shards-{000..003}.tar"))
-    if not hasattr(data, "build_loader"):
-        with pytest.raises(ConfigError, match="webdataset loading not available in this build"):
-            check_data(cfg)
-        monkeypatch.setattr(data, "build_loader", lambda *a, **k: None, raising=False)
     with pytest.raises(ConfigError, match="no file matches"):
         check_data(cfg)
     (tmp_path / "shards-002.tar").write_bytes(b"")
     assert check_data(cfg) is data.build_loader
+    # the unpaired text sources are checked before any work too; a brace alternative is one pattern
+    (tmp_path / "b.txt").write_text("a caption")
+    ok = TrainConfig(unpaired_text_data=f"{tmp_path}/{{a,b}}.txt::{tmp_path}/b.txt", unpaired_text_loss_weight=0.5)
+    assert check_data(ok) is None
+    with pytest.raises(ConfigError, match="--unpaired-text-data: no file matches"):
+        check_data(TrainConfig(unpaired_text_data=f"{tmp_path}/{{c,d}}.txt", unpaired_text_loss_weight=0.5))
+
+
+def test_split_sources_keeps_brace_alternatives():
+    from m3ae_engine.data.sources import split_sources
+    assert split_sources("a/{000..009}.tar::b/{x,y}.tar, c.tar,") == ["a/{000..009}.tar", "b/{x,y}.tar", "c.tar"]
 
 
 def test_ds_config_filled_from_the_run(tmp_path):

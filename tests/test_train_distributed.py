@@ -27,15 +27,17 @@ def losses(out):
     return {r["step"]: r["loss"] for r in map(json.loads, open(Path(out) / "metrics.jsonl"))}
 
 
+def train_one_rank(**kw):
+    """One in-process rank with the same poisoned step as the torchrun ranks (M3AE_INJECT_NAN_STEPS)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("M3AE_INJECT_NAN_STEPS", NAN_STEP)
+        return train(TrainConfig(**ARGS, **kw))
+
+
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    old = os.environ.get("M3AE_INJECT_NAN_STEPS")
-    os.environ["M3AE_INJECT_NAN_STEPS"] = NAN_STEP
-    try:
-        result = train(TrainConfig(output_dir=str(out), **ARGS))
-    finally:
-        os.environ.pop("M3AE_INJECT_NAN_STEPS") if old is None else os.environ.update(M3AE_INJECT_NAN_STEPS=old)
+    result = train_one_rank(output_dir=str(out))
     assert result["skipped_steps"] == 1
     return out
 
@@ -105,11 +107,6 @@ def test_zero2_with_gradient_accumulation_matches_one_rank(one_rank, tmp_path):
 def test_ddp_mae_mode_two_ranks_match_one(tmp_path):
     """Image-only (MAE) training under DDP: the unused text parameters are frozen, so DDP's reducer
     does not wait for them (it raised at the second step before)."""
-    old = os.environ.get("M3AE_INJECT_NAN_STEPS")
-    os.environ["M3AE_INJECT_NAN_STEPS"] = NAN_STEP
-    try:
-        train(TrainConfig(output_dir=str(tmp_path / "one"), modality="image", **ARGS))
-    finally:
-        os.environ.pop("M3AE_INJECT_NAN_STEPS") if old is None else os.environ.update(M3AE_INJECT_NAN_STEPS=old)
+    train_one_rank(output_dir=str(tmp_path / "one"), modality="image")
     torchrun_2(tmp_path / "two", "--modality=image")
     assert_matches(tmp_path / "one", tmp_path / "two")

@@ -51,6 +51,12 @@ def expand_braces(pattern: str) -> List[str]:
     return [pattern]
 
 
+def split_sources(spec: str) -> List[str]:
+    """'a/{000..009}.tar::b/*.tar,c.tar' -> its patterns: split at '::' and at commas outside braces
+    (a brace alternative like '{a,b}' stays one pattern)."""
+    return [p.strip() for p in re.split(r"::|,(?![^{}]*\})", spec) if p.strip()]
+
+
 def expand_sources(sources: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
                    what: str = "shard") -> List[str]:
     """Paths from a list / glob / brace pattern; every path exists and is readable, else DataError."""

@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..data.sources import expand_braces  # WebDataset brace ranges and {a,b} alternatives
+from ..data.sources import expand_braces, split_sources  # brace ranges, {a,b} alternatives
 from ..reference import normalize_image, patchify, unpatchify
 from .features import IMAGE_EXTENSIONS, add_model_args, load_image, model_from_args
 
@@ -34,8 +34,8 @@ CAPTION_EXTENSIONS = (".txt", ".caption")
 # ------------------------------------------------------------------------------------------ inputs
 def samples_from_shards(pattern: str, n: int, image_size: int) -> List[Tuple[torch.Tensor, Optional[str]]]:
     paths = []
-    for part in pattern.split(","):
-        for p in expand_braces(part.strip()):
+    for part in split_sources(pattern):
+        for p in expand_braces(part):
             paths += sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
     if not paths:
         raise FileNotFoundError(f"no shards match {pattern!r}")
