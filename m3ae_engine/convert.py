@@ -619,8 +619,7 @@ def save_checkpoint(sd: Dict[str, torch.Tensor], config: M3AEConfig, out_dir) ->
     """Write OUT_DIR/model.safetensors (config embedded in the metadata too) + OUT_DIR/config.json."""
     from .checkpoint import save_exported  # the training export's writer: atomic, config in the metadata
     out = Path(out_dir)
-    save_exported({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, config.to_dict(),
-                  out / "model.safetensors")
+    save_exported(sd, config.to_dict(), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     return out
 

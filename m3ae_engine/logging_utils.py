@@ -63,14 +63,14 @@ class Logger:
             (self.bar.write if self.bar is not None else print)(msg)
             sys.stdout.flush()
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self) -> None:
         if self.bar is not None:
-            self.bar.update(n)
+            self.bar.update(1)
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
+        if self.bar is not None and "loss" in metrics:  # training metrics (eval results have eval_* keys)
             post = {"loss": f"{metrics['loss']:.3f}", "img": f"{metrics['image_loss']:.3f}",
                     "txt": f"{metrics['text_loss']:.3f}", "lr": f"{metrics['lr']:.1e}",
                     "sps": f"{metrics['samples_per_s']:.0f}", "mem": f"{metrics['memory_gb']:.1f}G"}

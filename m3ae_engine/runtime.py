@@ -155,15 +155,20 @@ class PlainRuntime:
         return state["client_state"]
 
 
+def micro_per_rank(cfg, info: DistInfo) -> int:
+    """Samples per rank per micro-step: batch_size / grad_accum / world size, which must divide."""
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro % info.world_size:
+        raise ConfigError(f"batch_size/grad_accum = {micro} must be divisible by the world size {info.world_size}")
+    return micro // info.world_size
+
+
 def prepare_ds_config(path: str, cfg, info: DistInfo, device: torch.device) -> dict:
     """Read a DeepSpeed JSON and fill the batch sizes, clipping and optimizer hyper-parameters from the
     TrainConfig ("auto" or absent fields). Explicit values that disagree are an error, not a surprise."""
     ds = json.loads(Path(path).read_text())
-    micro = cfg.batch_size // cfg.grad_accum
-    if micro % info.world_size:
-        raise ConfigError(f"batch_size/grad_accum = {micro} must be divisible by the world size {info.world_size}")
     want = {"train_batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
-            "train_micro_batch_size_per_gpu": micro // info.world_size}
+            "train_micro_batch_size_per_gpu": micro_per_rank(cfg, info)}
     for key, value in want.items():
         if ds.get(key, "auto") not in ("auto", value):
             raise ConfigError(f"{path}: {key}={ds[key]} disagrees with the run ({value} from --batch-size "
@@ -221,8 +226,8 @@ class DeepSpeedRuntime:
         groups = model.param_groups(cfg.weight_decay)
         optimizer = None
         if "optimizer" not in self.ds_config:  # client optimizer: torch AdamW, fused on CUDA
-            optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2),
-                                          weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+            optimizer = build_optimizer(model, cfg.peak_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                        fused=device.type == "cuda")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer, config=copy.deepcopy(self.ds_config))
         self.module = self.engine.module

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ENCODER_PRESETS, ConfigError
+from .optim import scaled_lr
 
 OFFICIAL_BASE_LR = 1.5e-4
 TINY_BASE_LR = 1.5e-3  # 10x official: the tiny demo must visibly learn in 300 steps
@@ -81,10 +82,7 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        return self.effective_base_lr * self.batch_size / 256.0
-
-    def steps_per_epoch(self) -> Optional[int]:
-        return None if self.dataset_size is None else max(1, self.dataset_size // self.batch_size)
+        return scaled_lr(self.effective_base_lr, self.batch_size)
 
     @property
     def total_steps(self) -> int:

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_exported, consolidated_state_dict
+from .checkpoint import (consolidated_state_dict, load_checkpoint, resolve_resume, save_checkpoint, save_exported,
+                         step_dir_name)
 from .config import ConfigError, M3AEConfig
 from .data.sources import expand_braces, split_sources
 from .logging_utils import Logger, flops_per_sample_fn, memory_gb, peak_flops
 from .model import M3AE
 from .optim import warmup_cosine
-from .runtime import DistInfo, build_runtime, dist_from_env, forward_micro_batch, pick_device
+from .runtime import DistInfo, build_runtime, dist_from_env, forward_micro_batch, micro_per_rank, pick_device
 from .train_config import TrainConfig
 
 UNPAIRED_SEED_OFFSET = 7_777_777  # unpaired text draws its own captions and masks
@@ -131,7 +132,7 @@ def _crash_hook():
         return None
 
     def hook(tmp_dir):
-        if tmp_dir.name.endswith(f"step_{int(at):08d}"):
+        if tmp_dir.name.endswith(step_dir_name(int(at))):
             os._exit(17)
     return hook
 
@@ -191,11 +192,7 @@ def evaluate(runtime, cfg, model_config, info, micro, device) -> dict:
 def train(cfg: TrainConfig) -> dict:
     info = dist_from_env()
     build_loader = check_data(cfg)  # before any work: a missing path fails in a second, not after init
-    micro_global = cfg.batch_size // cfg.grad_accum
-    if micro_global % info.world_size:
-        raise ConfigError(f"batch_size/grad_accum = {micro_global} must be divisible by the world size "
-                          f"{info.world_size}")
-    micro = micro_global // info.world_size  # samples per rank per micro-step
+    micro = micro_per_rank(cfg, info)  # samples per rank per micro-step
     device = pick_device(cfg.device, info)
     # a named kernel or attention backend that cannot run here fails now, not at the first forward
     from . import attention as attention_backends, ops
@@ -261,7 +258,7 @@ def train(cfg: TrainConfig) -> dict:
         log.print(f"m3ae-engine: preset={cfg.preset} params={n_params / 1e6:.2f}M device={device} "
                   f"runtime={runtime.kind} world={info.world_size} batch={cfg.batch_size} steps={total} "
                   f"peak_lr={cfg.peak_lr:.2e}" + (f" resumed_from={resume_path}" if resume_path else ""))
-        log.print("config: " + json.dumps({k: v for k, v in cfg.to_dict().items()}, sort_keys=True))
+        log.print("config: " + json.dumps(cfg.to_dict(), sort_keys=True))
         if runtime.kind == "deepspeed":
             log.print("deepspeed config: " + json.dumps(runtime.ds_config, sort_keys=True))
 
@@ -269,9 +266,7 @@ def train(cfg: TrainConfig) -> dict:
     stop = StopRequested()
     flops_fn = flops_per_sample_fn(model_config)
     peak = peak_flops(device)
-    losses, saved_at = {}, None
-    first = last = None
-    state = {"step": start, "stopped": None}
+    losses, saved_at, stopped = {}, None, None  # stopped: None, "signal" or "non-finite"
 
     def client_state(step):
         return {"step": step, "data": data.state_dict() if hasattr(data, "state_dict") else None,
@@ -286,7 +281,7 @@ def train(cfg: TrainConfig) -> dict:
         save_checkpoint(runtime, ckpt_root, step, client_state(step), dict(meta, step=step), cfg.keep_last,
                         info.rank, _crash_hook())
         saved_at = step
-        log.print(f"checkpoint: {ckpt_root / f'step_{step:08d}'}")
+        log.print(f"checkpoint: {ckpt_root / step_dir_name(step)}")
 
     data_iter = iter(data)
     unpaired_iter = iter(unpaired_data) if unpaired_data is not None else None
@@ -295,8 +290,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while step < total:
             lr = warmup_cosine(step, total, warmup, cfg.peak_lr, end_lr=cfg.end_lr)
-            acc = torch.zeros(3, device=device)
-            acc_unpaired = torch.zeros((), device=device)
+            acc = torch.zeros(4, device=device)  # loss, image, text, unpaired text: one all-reduce when logged
             for m in range(cfg.grad_accum):
                 batch = next(data_iter)
                 unpaired = next(unpaired_iter) if unpaired_iter is not None else None
@@ -304,50 +298,48 @@ def train(cfg: TrainConfig) -> dict:
                 out = runtime.forward_backward(micro_batch(batch, cfg.modality, unpaired, u_noise),
                                                noise(step, m, info.rank, info.world_size, micro),
                                                last_micro=m == cfg.grad_accum - 1, nan=step in inject)
-                acc += _loss_vector(out).to(device) / cfg.grad_accum
+                acc[:3] += _loss_vector(out).to(device) / cfg.grad_accum
                 if getattr(out, "unpaired_text_loss", None) is not None:
-                    acc_unpaired += out.unpaired_text_loss.detach().float() / cfg.grad_accum
+                    acc[3] += out.unpaired_text_loss.detach().float() / cfg.grad_accum
             norm, bad = runtime.step(lr, ~torch.isfinite(acc[0]))
             bad = bad.to(device)
             bad_total += bad.long()
             bad_run.mul_(bad.long()).add_(bad.long())  # consecutive skips; reset by a good step
             torch.maximum(bad_run_max, bad_run, out=bad_run_max)
             step += 1
-            state["step"] = step
             seen_log += cfg.batch_size
             log.advance()
 
             if step % cfg.log_every == 0 or step == total or step == start + 1:
-                vals = _all_reduce(acc.clone()) / info.world_size  # the global batch's losses (sync here)
-                loss, img, txt = vals.tolist()
+                vals = _all_reduce(acc.clone()) / info.world_size  # the global batch's losses
+                loss, img, txt, unpaired_loss = vals.tolist()  # one host sync for all the logged values
+                grad_norm, skipped, run_max = torch.stack([norm.float().to(device), bad_total.float(),
+                                                           bad_run_max.float()]).tolist()
+                skipped, run_max = int(skipped), int(run_max)
                 now = time.perf_counter()
                 rate = seen_log / max(now - t_log, 1e-9)
                 t_log, seen_log = now, 0
-                skipped, run_max = int(bad_total), int(bad_run_max)
                 metrics = {"step": step, "loss": loss, "image_loss": img, "text_loss": txt, "lr": lr,
-                           "grad_norm": float(norm), "samples_per_s": rate, "skipped_steps": skipped,
+                           "grad_norm": grad_norm, "samples_per_s": rate, "skipped_steps": skipped,
                            "memory_gb": memory_gb(device), "mfu": None}
                 if unpaired_iter is not None:
-                    metrics["unpaired_text_loss"] = float(_all_reduce(acc_unpaired.clone()) / info.world_size)
-                if flops_fn is not None and peak is not None and cfg.modality == "paired":
-                    fps = flops_fn(batch["text_padding_mask"])
-                    metrics["mfu"] = None if fps is None else fps * rate / (peak * info.world_size)
+                    metrics["unpaired_text_loss"] = unpaired_loss
+                if peak is not None and cfg.modality == "paired":
+                    metrics["mfu"] = flops_fn(batch["text_padding_mask"]) * rate / (peak * info.world_size)
                 losses[step] = loss
-                first = loss if first is None else first
-                last = loss
                 log.log(metrics)
                 if run_max >= cfg.max_bad_steps:
-                    state["stopped"] = "non-finite"
+                    stopped = "non-finite"
                     log.print(f"error: {run_max} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}) "
                               f"at step {step}; the weights are those of the last good step. Saving a "
                               f"checkpoint and stopping. Lower the lr, check the data, or raise --max-bad-steps.")
                     break
                 signalled = torch.tensor(float(stop.signum is not None), device=device)
                 if float(_all_reduce(signalled, dist.ReduceOp.MAX if dist.is_initialized() else None)) > 0:
-                    state["stopped"] = "signal"
+                    stopped = "signal"
                     break
             elif stop.signum is not None and not info.distributed:  # single process: react at once
-                state["stopped"] = "signal"
+                stopped = "signal"
                 break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
                 checkpoint(step)
@@ -355,27 +347,28 @@ def train(cfg: TrainConfig) -> dict:
                 ev = evaluate(runtime, cfg, model_config, info, micro, device)
                 ev["step"] = step
                 log.print("eval: " + json.dumps(ev))
-                if log.jsonl is not None:
-                    log.jsonl.write(json.dumps(ev) + "\n")
+                log.log(ev)
     finally:
         stop.restore()
     checkpoint(step)
-    if state["stopped"] == "signal":
+    if stopped == "signal":
         log.print(f"stopped by signal {stop.signum} at step {step}; resume with --resume latest")
-    if out_dir is not None and state["stopped"] is None:
+    if out_dir is not None and stopped is None:
         if info.is_main:
-            weights = (consolidated_state_dict(ckpt_root / f"step_{step:08d}") if runtime.kind == "deepspeed"
-                       else {k: v.detach().float().cpu().contiguous() for k, v in runtime.module.state_dict().items()})
+            weights = (consolidated_state_dict(ckpt_root / step_dir_name(step)) if runtime.kind == "deepspeed"
+                       else runtime.module.state_dict())
             save_exported(weights, model_config.to_dict(), out_dir / "model.safetensors")
         if dist.is_initialized():
             dist.barrier()
     log.close()
+    first = next(iter(losses.values()), None)
+    last = next(reversed(losses.values()), None)
     if info.is_main and first is not None:
         print(f"done: loss {first:.4f} -> {last:.4f} in {time.perf_counter() - t0:.1f}s "
               f"({int(bad_total)} skipped steps)", flush=True)
     result = {"losses": losses, "first": first, "last": last, "step": step, "skipped_steps": int(bad_total),
-              "stopped": state["stopped"], "runtime": runtime}
-    if state["stopped"] == "non-finite":
+              "stopped": stopped, "runtime": runtime}
+    if stopped == "non-finite":
         raise TrainingDiverged(f"{int(bad_run_max)} non-finite steps in a row at step {step} "
                                f"(max_bad_steps={cfg.max_bad_steps}); checkpoint saved", result)
     return result

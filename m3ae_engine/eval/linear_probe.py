@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..optim import warmup_cosine
+from ..optim import scaled_lr, warmup_cosine
 from .features import ImageFolder, add_model_args, cached_features, checkpoint_fingerprint, model_from_args
 
 
@@ -96,7 +96,7 @@ def train_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, epochs:
     torch.manual_seed(seed)
     head = make_head(train_x.shape[1], num_classes).to(device)
     batch_size = min(batch_size, train_x.shape[0])
-    lr = blr * batch_size / 256
+    lr = scaled_lr(blr, batch_size)
     if optimizer == "lars":
         opt = LARS(head.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum)
     elif optimizer == "sgd":
