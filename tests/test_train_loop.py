@@ -138,3 +138,12 @@ def test_grad_accumulation_matches_full_batch(reference, tmp_path):
     wa, wb = load_file(str(reference[0] / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_eval_results_are_logged_with_the_training_metrics(tmp_path):
+    run(tmp_path, steps=4, eval_every=2, eval_batches=1)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval_loss"] > 0 and "eval_image_loss" in r and "eval_text_loss" in r for r in evals)
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
