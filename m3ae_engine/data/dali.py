@@ -24,6 +24,7 @@ import torch
 from ..config import CC12M_MEAN, CC12M_STD
 from .sources import (IMAGE_EXTS, DataError, build_table, decode_text, expand_sources, index_is_current,
                       index_path_for, load_index, write_index)
+from .order import check_resume, finite_length, resume_state
 from .transforms import RATIO, SCALE
 
 
@@ -171,10 +172,7 @@ class DaliLoader:
         return (self.step * self.batch_size) // self.per_rank
 
     def __len__(self):
-        n = self._end_step()
-        if n is None:
-            raise TypeError("endless loader (epochs=None) has no length")
-        return n
+        return finite_length(self._end_step())
 
     def __iter__(self) -> Iterator[Dict]:
         if self._pipe is None:
@@ -195,13 +193,9 @@ class DaliLoader:
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         cp = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
-        return {"step": self.step, "dali_checkpoint": cp, "batch_size": self.batch_size, "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size, "num_samples": self.num_samples}
+        return dict(resume_state(self), dali_checkpoint=cp)
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("batch_size", "seed", "world_size", "num_samples"):
-            if k in state and state[k] != getattr(self, k):
-                raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}")
-        self.step = int(state["step"])
+        self.step = check_resume(self, state)
         self._checkpoint = state.get("dali_checkpoint")
         self._pipe = None

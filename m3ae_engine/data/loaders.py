@@ -24,7 +24,7 @@ import torch
 
 from ..config import CC12M_MEAN, CC12M_STD
 from ..reference import normalize_image
-from .order import RankOrder
+from .order import RankOrder, check_resume, finite_length, resume_state
 from .sources import DataError, Reader, build_table, decode_text, expand_sources, read_text_lines
 from .transforms import (RATIO, SCALE, augment_gpu, augment_pil, decode_pil, jpeg_components,
                          sample_params)
@@ -73,10 +73,7 @@ class _ShardLoaderBase:
         return len(self.table)
 
     def __len__(self):
-        n = self.order.num_batches(self.batch_size, self.drop_last)
-        if n is None:
-            raise TypeError("endless loader (epochs=None) has no length")
-        return n
+        return finite_length(self._end_step())
 
     @property
     def epoch(self) -> int:
@@ -135,16 +132,10 @@ class _ShardLoaderBase:
 
     # ----------------------------------------------------------------- resume
     def state_dict(self) -> dict:
-        return {"step": self.step, "batch_size": self.batch_size, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "num_samples": self.num_samples,
-                "corrupt_count": self.corrupt_count, "samples_read": self.samples_read}
+        return dict(resume_state(self), corrupt_count=self.corrupt_count, samples_read=self.samples_read)
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("batch_size", "seed", "world_size", "num_samples"):
-            if k in state and state[k] != getattr(self, k):
-                raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}: "
-                                 f"exact resume needs the same data, batch size, seed and world size")
-        self.step = int(state["step"])
+        self.step = check_resume(self, state)
         self.corrupt_count = int(state.get("corrupt_count", 0))
         self.samples_read = int(state.get("samples_read", 0))
 
@@ -379,10 +370,7 @@ class TextLoader:
         return decode_text(self.reader.read(int(self.table.shard[i]), int(off), int(size)))
 
     def __len__(self):
-        n = self.order.num_batches(self.batch_size, self.drop_last)
-        if n is None:
-            raise TypeError("endless loader (epochs=None) has no length")
-        return n
+        return finite_length(self.order.num_batches(self.batch_size, self.drop_last))
 
     def __iter__(self):
         end = self.order.num_batches(self.batch_size, self.drop_last)
@@ -396,11 +384,7 @@ class TextLoader:
             yield {"text": text, "text_padding_mask": pad, "caption": caps, "decoder": self.decoder}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "batch_size": self.batch_size, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "num_samples": self.num_samples}
+        return resume_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("batch_size", "seed", "world_size", "num_samples"):
-            if k in state and state[k] != getattr(self, k):
-                raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}")
-        self.step = int(state["step"])
+        self.step = check_resume(self, state)

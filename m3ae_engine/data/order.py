@@ -1,4 +1,5 @@
-"""Sample order shared by the Pillow, nvJPEG and text loaders: per-epoch permutations, rank split, resume.
+"""Sample order shared by the Pillow, nvJPEG and text loaders: per-epoch permutations, rank split, resume
+(and the resume-state and length rules every loader, DALI included, follows).
 
 Epoch e visits every sample once in the order `permutation(seed, e)` (or file order without
 shuffling). Rank r of W takes the permuted positions r, r + W, r + 2W, ...: ranks read disjoint
@@ -51,3 +52,26 @@ class RankOrder:
 
     def total(self) -> Optional[int]:
         return None if self.epochs is None else self.epochs * self.per_rank
+
+
+RESUME_IDENTITY = ("batch_size", "seed", "world_size", "num_samples")  # must match for an exact resume
+
+
+def resume_state(loader) -> dict:
+    """The position of a loader and what identifies its stream (checked by check_resume)."""
+    return {k: getattr(loader, k) for k in ("step", "rank") + RESUME_IDENTITY}
+
+
+def check_resume(loader, state: dict) -> int:
+    """The step to resume at; a ValueError when the state belongs to other data, batch size, seed or world."""
+    for k in RESUME_IDENTITY:
+        if k in state and state[k] != getattr(loader, k):
+            raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(loader, k)}: "
+                             f"exact resume needs the same data, batch size, seed and world size")
+    return int(state["step"])
+
+
+def finite_length(num_batches: Optional[int]) -> int:
+    if num_batches is None:
+        raise TypeError("endless loader (epochs=None) has no length")
+    return num_batches
