@@ -148,17 +148,11 @@ def export(checkpoint: Path, out: Path) -> Path:
 
 
 def load_exported(path, device="cpu"):
-    """An M3AE with the weights of an exported safetensors file (its config travels in the metadata)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .config import M3AEConfig
-    from .model import M3AE
-    with safe_open(str(path), framework="pt") as f:
-        config = M3AEConfig.from_dict(json.loads(f.metadata()["m3ae_config"]))
-    model = M3AE(config)
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device)
+    """An M3AE (train mode) with the weights of an exported safetensors file (its config travels in the
+    metadata); convert.load_model reads it, with the same strictness."""
+    from .convert import load_model
+    model, _ = load_model(path, device=device)
+    return model.train()
 
 
 def main(argv=None):
