@@ -20,7 +20,8 @@ rc=0  # any failing step (tests, sanitizer, benchmark) makes the script exit non
 R=/tmp/m3ae-results; mkdir -p "$R"
 DEADLINE=$((SECONDS + ${BUDGET:-560}))
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-export M3AE_GIT_COMMIT=${M3AE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# the device copy has no .git: pass M3AE_GIT_COMMIT=<sha>; without it results say "unknown (... set it)"
+[ -z "${M3AE_GIT_COMMIT:-}" ] && c=$(git rev-parse --short HEAD 2>/dev/null) && export M3AE_GIT_COMMIT=$c
 TP="python3 benchmarks/throughput.py --out-dir $R"
 
 left() { local l=$((DEADLINE - SECONDS)); echo $((l > 5 ? l : 5)); }     # seconds left for a command
