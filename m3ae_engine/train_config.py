@@ -40,6 +40,8 @@ class TrainConfig:
     modality: str = "paired"  # paired (M3AE) | image (MAE mode: image-only forwards; shards need no captions)
     unpaired_text_data: Optional[str] = None  # official unpaired text term: "synthetic" or text files / text shards
     unpaired_text_loss_weight: float = 0.0  # weight of the unpaired text-only forward's text loss (official flag)
+    paired_fraction: float = 1.0  # share of samples keeping their caption (official deterministic_drop_text = 1 - F)
+    random_drop_text: float = 0.0  # each visit drops a caption with this probability (official random_drop_text)
     dataset_size: Optional[int] = None  # samples per epoch; needed for --epochs with endless synthetic data
     num_workers: int = 4
     # schedule; batch_size is GLOBAL (all ranks, all accumulation micro-steps)
@@ -162,6 +164,12 @@ class TrainConfig:
         need((self.unpaired_text_data is None) == (self.unpaired_text_loss_weight == 0),
              "unpaired text needs both --unpaired-text-data and a positive --unpaired-text-loss-weight "
              f"(got data={self.unpaired_text_data!r}, weight={self.unpaired_text_loss_weight!r})")
+        for name in ("paired_fraction", "random_drop_text"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                 f"{name} must be in [0, 1], got {v!r}")
+        need(self.modality == "paired" or (self.paired_fraction == 1 and self.random_drop_text == 0),
+             "paired_fraction / random_drop_text drop captions of paired data: not with --modality image")
         need(self.eval_every == 0 or self.data == "synthetic",
              "eval_every needs --data synthetic: the held-out eval reads synthetic batches (an eval split of "
              "WebDataset shards is not wired into the loop yet); set eval_every: 0")
@@ -218,6 +226,9 @@ HELP = {
     "modality": "paired (M3AE) | image (MAE mode: image-only forwards on image shards or synthetic images)",
     "unpaired_text_data": "unpaired text (official): synthetic, or text files / text shards; each step adds a text-only forward",
     "unpaired_text_loss_weight": "weight of the unpaired text loss (official flag; 0 = off)",
+    "paired_fraction": "share of samples that keep their caption: index %% 100 < (1-F)*100 loses it "
+                       "(official deterministic_drop_text = 1 - F; 1 = all paired)",
+    "random_drop_text": "probability that a sample's caption is dropped at each visit (official random_drop_text)",
     "dataset_size": "samples per epoch (needed with --epochs / --warmup-epochs)",
     "batch_size": "GLOBAL batch: all ranks and accumulation steps together",
     "grad_accum": "micro-steps per optimizer step", "steps": "optimizer steps (or give --epochs)",

@@ -82,18 +82,28 @@ def check_data(cfg: TrainConfig):
     return build_loader
 
 
+def text_drop_options(cfg: TrainConfig) -> dict:
+    """Partial pairing (official deterministic_drop_text / random_drop_text) for the training data's
+    loader; empty when every caption is kept, so loaders see no new option in a plain run."""
+    if cfg.paired_fraction == 1 and cfg.random_drop_text == 0:
+        return {}
+    return {"paired_fraction": cfg.paired_fraction, "random_drop_text": cfg.random_drop_text}
+
+
 def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int, build_loader=None,
-               seed: Optional[int] = None):
+               seed: Optional[int] = None, drop_text: bool = True):
+    """The paired (or MAE-mode image) training data; drop_text=False: every caption kept (held-out eval)."""
+    drop = text_drop_options(cfg) if drop_text else {}
     if build_loader is None:
         from .data import SyntheticBatches
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
-                                rank=info.rank, world_size=info.world_size)
+                                rank=info.rank, world_size=info.world_size, **drop)
     device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
     return build_loader(split_sources(cfg.data), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
                         world_size=info.world_size, num_workers=cfg.num_workers, device=device,
-                        modality="image" if cfg.modality == "image" else "paired")
+                        modality="image" if cfg.modality == "image" else "paired", **drop)
 
 
 def build_unpaired_text(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int):
@@ -172,7 +182,8 @@ def _loss_vector(out) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(runtime, cfg, model_config, info, micro, device) -> dict:
     """Loss on fixed held-out synthetic batches with fixed masks: comparable across steps and runs."""
-    data = build_data(cfg, model_config, info, micro, seed=cfg.seed + EVAL_SEED_OFFSET)
+    # every caption kept: the eval loss stays comparable across --paired-fraction runs
+    data = build_data(cfg, model_config, info, micro, seed=cfg.seed + EVAL_SEED_OFFSET, drop_text=False)
     noise = MaskNoise(cfg.seed + EVAL_SEED_OFFSET, model_config.num_patches, model_config.text_length,
                       micro * info.world_size, "sample")
     model = getattr(runtime, "engine", None) or runtime.model
