@@ -143,12 +143,19 @@ def test_training_two_ranks_match_one_with_text_free_steps(tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)
 
 
-@pytest.mark.parametrize("decoder", ["cpu"] + (["dali"] if dali_available() else []))
-def test_shard_loaders_drop_by_table_index(tmp_path, decoder):
+GPU = pytest.mark.gpu
+NO_DALI = pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+
+
+@pytest.mark.parametrize("decoder,device", [("cpu", "cpu"), pytest.param("dali", "cpu", marks=NO_DALI),
+                                            pytest.param("nvjpeg", "cuda", marks=GPU),
+                                            pytest.param("dali", "cuda", marks=[GPU, NO_DALI])])
+def test_shard_loaders_drop_by_table_index(tmp_path, decoder, device):
     from m3ae_engine.tokenizer import default_tokenizer
     paths, caps = write_test_shards(str(tmp_path), num_shards=2, per_shard=12)
-    kw = dict(decoder=decoder, device="cpu", epochs=1, seed=5, paired_fraction=0.9, random_drop_text=0.25)
-    kw.update(num_workers=0) if decoder == "cpu" else kw.update(num_threads=1, shuffle_buffer=8)
+    kw = dict(decoder=decoder, device=device, epochs=1, seed=5, paired_fraction=0.9, random_drop_text=0.25)
+    kw.update({"cpu": dict(num_workers=0), "nvjpeg": dict(num_threads=1),
+               "dali": dict(num_threads=1, shuffle_buffer=8)}[decoder])
     loader = build_loader(paths, 4, 32, 16, **kw)
     index_of = {f"{p}:{k}": i for i, (p, k) in enumerate((paths[int(k[:5])], k) for k in sorted(caps))}
     drop, tok = TextDrop(0.9, 0.25, seed=5), default_tokenizer(16)
