@@ -254,3 +254,28 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     _one_line_error(capsys, ["--checkpoint", good, "--synthetic", "1", "--layers", "2", "--output-dir", out],
                     "layer 2 is out of range, the encoder has 2 layers")
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))
+
+
+def test_cli_shards_sample_without_caption_gets_cls_maps_only(ckpt, tmp_path, capsys):
+    import io
+    import tarfile
+    from m3ae_engine.data.synthetic import make_sample
+    shard = tmp_path / "s-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(2):
+            img, cap = make_sample(i, 5, 40)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            files = [(f"{i:06d}.png", buf.getvalue())] + ([(f"{i:06d}.txt", cap.encode())] if i == 0 else [])
+            for name, data in files:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    assert attn_cli.main(["--checkpoint", str(ckpt / "ckpt"), "--shards", str(tmp_path / "s-*.tar"),
+                          "--layers", "all", "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    with_caption, without = np.load(out / "sample_000.npz"), np.load(out / "sample_001.npz")
+    assert list(with_caption["labels"]) == ["[CLS]"] + make_sample(0, 5, 40)[1].split()
+    assert list(without["labels"]) == ["[CLS]"] and without["layer_maps"].shape == (1, 2, 4, 4)
+    assert "no caption: CLS only" in (out / "index.html").read_text()
+    _png_ok(out / "sample_001.png")
