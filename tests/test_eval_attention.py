@@ -279,3 +279,17 @@ def test_cli_shards_sample_without_caption_gets_cls_maps_only(ckpt, tmp_path, ca
     assert list(without["labels"]) == ["[CLS]"] and without["layer_maps"].shape == (1, 2, 4, 4)
     assert "no caption: CLS only" in (out / "index.html").read_text()
     _png_ok(out / "sample_001.png")
+
+
+def test_overlay_tile_puts_each_patch_where_it_lies():
+    import matplotlib
+    cmap = matplotlib.colormaps["inferno"]
+    image = np.full((8, 8, 3), 100, np.uint8)
+    grid = np.zeros((2, 2), np.float32)
+    grid[0, 1] = 0.3  # patch 1 of a 2x2 grid: top right
+    grid[1, 0] = 0.15
+    tile = attn_cli.overlay_tile(image, grid, cmap).astype(np.float32)
+    blend = lambda v: attn_cli.ALPHA * np.round(np.array(cmap(v)[:3]) * 255) + (1 - attn_cli.ALPHA) * 100  # noqa: E731
+    np.testing.assert_allclose(tile[0:4, 4:8], np.broadcast_to(blend(1.0), (4, 4, 3)), atol=0.51)  # max -> top
+    np.testing.assert_allclose(tile[4:8, 0:4], np.broadcast_to(blend(0.5), (4, 4, 3)), atol=0.51)
+    np.testing.assert_allclose(tile[0:4, 0:4], np.broadcast_to(blend(0.0), (4, 4, 3)), atol=0.51)

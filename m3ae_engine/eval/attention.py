@@ -80,37 +80,65 @@ def attention_maps(model, image: torch.Tensor, caption: Optional[str], layers: L
 
 
 # ------------------------------------------------------------------------------------------ drawing
-def render_png(path: Path, image: torch.Tensor, maps: SampleMaps, cell: float = 1.5) -> None:
-    """Rows: CLS, then words; columns: the image (CLS row) or the word, each chosen layer, rollout."""
+CELL, TITLE_BAND, GAP = 128, 30, 6  # pixels of a map tile, of the two title lines above it, between tiles
+ALPHA = 0.6  # heat map opacity over the image
+
+
+def _resize(arr: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    """[h, w(, 3)] uint8 -> [size, size(, 3)]: nearest for patch grids (one flat block per patch)."""
+    from PIL import Image
+    im = Image.fromarray(arr)
+    return np.asarray(im.resize((size, size), Image.NEAREST if nearest else Image.BICUBIC))
+
+
+def overlay_tile(image_tile: np.ndarray, grid: np.ndarray, colormap) -> np.ndarray:
+    """[CELL, CELL, 3] uint8 image and a [G, G] map -> the map (coloured from 0 to its own maximum,
+    one flat block per patch) blended over the image."""
+    top = float(grid.max())
+    rgb = (colormap(grid / top if top > 0 else grid)[..., :3] * 255).round().astype(np.uint8)  # [G, G, 3]
+    heat = _resize(rgb, image_tile.shape[0], nearest=True).astype(np.float32)
+    return (ALPHA * heat + (1 - ALPHA) * image_tile.astype(np.float32)).round().astype(np.uint8)
+
+
+def render_png(path: Path, image: torch.Tensor, maps: SampleMaps) -> None:
+    """Rows: CLS, then words; columns: the image (CLS row) or the word, each chosen layer, rollout.
+    The tiles are composed as one array and drawn on a single matplotlib axes (one axes per tile costs
+    seconds per sample for long captions)."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    img = image.permute(1, 2, 0).cpu().numpy()  # [H, W, 3] uint8
-    h, w = img.shape[:2]
+    colormap = matplotlib.colormaps["inferno"]
+    image_tile = _resize(image.permute(1, 2, 0).cpu().numpy(), CELL, nearest=image.shape[-1] < CELL)
     titles = [f"layer {l}" for l in maps.layers] + ["rollout"]
     rows, cols = len(maps.labels), 1 + len(titles)
-    fig = Figure(figsize=(cell * cols, cell * rows), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    row_h, col_w = TITLE_BAND + CELL + GAP, CELL + GAP
+    canvas = np.full((rows * row_h, cols * col_w, 3), 255, np.uint8)
+    texts = []  # (x, y, text, fontsize) in canvas pixels
+
+    def put(tile, r, c):
+        y, x = r * row_h + TITLE_BAND, c * col_w + GAP // 2
+        canvas[y:y + CELL, x:x + CELL] = tile
+
+    put(image_tile, 0, 0)
+    texts.append((GAP // 2 + CELL / 2, TITLE_BAND - 4, "image", 9))
     for r, label in enumerate(maps.labels):
+        if r > 0:
+            texts.append((GAP // 2 + CELL / 2, r * row_h + TITLE_BAND + CELL / 2, label, 12))
         grids = [maps.layer_maps[r, j] for j in range(len(maps.layers))] + [maps.rollout_maps[r]]
-        first = axes[r, 0]
-        first.set_axis_off()
-        if r == 0:
-            first.imshow(img)
-            first.set_title("image", fontsize=8)
-        else:
-            first.text(0.5, 0.5, label, ha="center", va="center", fontsize=11, transform=first.transAxes)
         for j, (grid, title) in enumerate(zip(grids, titles)):
-            ax = axes[r, 1 + j]
-            ax.set_axis_off()
-            ax.imshow(img)
-            top = float(grid.max())
-            ax.imshow(grid, cmap="inferno", alpha=0.6, interpolation="nearest", extent=(0, w, h, 0),
-                      vmin=0.0, vmax=top if top > 0 else 1.0)
-            share = f"{100 * float(grid.sum()):.0f}% on image"
-            ax.set_title(f"{label if r == 0 else ''} {title}\n{share}".strip(), fontsize=7)
-    fig.tight_layout(pad=0.3)
-    _write_atomic(path, lambda f: fig.savefig(f, format="png"))
+            put(overlay_tile(image_tile, grid, colormap), r, 1 + j)
+            head = f"{label} {title}" if r == 0 else title
+            texts.append(((1 + j) * col_w + GAP // 2 + CELL / 2, r * row_h + TITLE_BAND - 4,
+                          f"{head}\n{100 * float(grid.sum()):.0f}% on image", 8))
+    height, width = canvas.shape[:2]
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    for x, y, text, size in texts:
+        ax.text(x, y, text, ha="center", va="bottom" if size < 12 else "center", fontsize=size)
+    _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def save_npz(path: Path, maps: SampleMaps) -> None:
@@ -122,7 +150,8 @@ def write_html(path: Path, entries: List[dict], meta: dict) -> None:
     meta_html = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in meta.items())
     sections = []
     for e in entries:
-        words = " ".join(f'<span class="w">{html.escape(w)}</span>' for w in e["words"]) or "<i>no caption: CLS only</i>"
+        words = (" ".join(f'<span class="w">{html.escape(w)}</span>' for w in e["words"])
+                 or "<i>no caption: CLS only</i>")
         caption = html.escape(e["caption"]) if e["caption"] is not None else "<i>none</i>"
         sections.append(
             f'<h2>Sample {e["index"]}</h2><p><b>caption</b>: {caption}<br><b>words</b>: {words}<br>'
@@ -135,8 +164,8 @@ img{{max-width:100%}}</style></head><body>
 <h1>M3AE attention maps</h1><ul>{meta_html}</ul>
 <p>Rows: CLS, then each caption word (WordPiece pieces merged, their attention rows averaged). Columns:
 attention to the image patches averaged over heads at each chosen layer, then the attention rollout over
-all encoder layers (Abnar &amp; Zuidema 2020). Each map has its own colour scale (0 to its maximum); its
-title gives the share of the row's attention that lands on image patches.</p>
+all encoder layers (Abnar &amp; Zuidema 2020). Each map has its own colour scale (inferno: dark = 0, bright =
+its maximum); its title gives the share of the row's attention that lands on image patches.</p>
 {chr(10).join(sections)}
 </body></html>
 """
