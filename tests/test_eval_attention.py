@@ -293,3 +293,16 @@ def test_overlay_tile_puts_each_patch_where_it_lies():
     np.testing.assert_allclose(tile[0:4, 4:8], np.broadcast_to(blend(1.0), (4, 4, 3)), atol=0.51)  # max -> top
     np.testing.assert_allclose(tile[4:8, 0:4], np.broadcast_to(blend(0.5), (4, 4, 3)), atol=0.51)
     np.testing.assert_allclose(tile[0:4, 0:4], np.broadcast_to(blend(0.0), (4, 4, 3)), atol=0.51)
+
+
+def test_cli_refuses_maps_when_the_plain_path_disagrees_with_the_model(ckpt, tmp_path, capsys, monkeypatch):
+    real = attn_cli.encoder_attention
+
+    def drifted(*args, **kwargs):  # a plain path that no longer computes what the model computes
+        x, probs = real(*args, **kwargs)
+        return x + 0.01, probs
+
+    monkeypatch.setattr(attn_cli, "encoder_attention", drifted)
+    _one_line_error(capsys, ["--checkpoint", str(ckpt / "ckpt"), "--synthetic", "1", "--output-dir",
+                             str(tmp_path / "o")], "differs from forward_representation's")
+    assert not list((tmp_path / "o").glob("*.png"))

@@ -39,6 +39,10 @@ from .reconstruct import samples_from_folder, samples_from_shards, samples_synth
 TOLERANCE_FP32, TOLERANCE_HALF = 1e-3, 5e-2
 
 
+class AttentionPathMismatch(RuntimeError):
+    """The plain path's encoder output is not the model's: its maps would describe another computation."""
+
+
 # ------------------------------------------------------------------------------------------ files
 def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """write(f) into PATH.tmp, fsync, rename: a reader never sees a half-written file at PATH."""
@@ -237,13 +241,14 @@ def main(argv=None) -> int:
             if args.image is not None and caption is not None and len(maps.labels) == 1:
                 raise ValueError(f"--caption {caption!r}: the tokenizer keeps no word of it")
             if not diff <= tolerance:
-                raise RuntimeError(f"sample {i}: the plain attention path's encoder output differs from "
-                                   f"forward_representation's by {diff:.2e} (> {tolerance:g}): maps not written")
+                raise AttentionPathMismatch(f"sample {i}: the plain attention path's encoder output differs from "
+                                            f"forward_representation's by {diff:.2e} (> {tolerance:g}): "
+                                            f"maps not written")
             render_png(out / f"sample_{i:03d}.png", image, maps)
             save_npz(out / f"sample_{i:03d}.npz", maps)
             entries.append({"index": i, "caption": caption, "words": maps.labels[1:], "difference": diff,
                             "png": f"sample_{i:03d}.png"})
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+    except (OSError, ValueError, AttentionBackendUnavailable, AttentionPathMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = {"checkpoint": args.checkpoint, "samples": len(entries), "layers": ", ".join(map(str, layers)),
