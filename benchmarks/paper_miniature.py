@@ -296,7 +296,8 @@ def markdown(res: dict) -> str:
         lines.append("")
     lines += ["## Directions as measured", ""] + [f"- {v}" for v in verdicts(res)] + [""]
     lines += ["## Run", "",
-              f"- machine: {env.get('cpu')}, {env['device']}; {env.get('cpu_count')} logical CPUs",
+              f"- machine: {env.get('cpu')}; {env.get('cpu_count')} logical CPUs, {env.get('torch_threads')} torch "
+              f"thread(s)",
               f"- load average (1, 5, 15 min) before {res['load_before']}, after {res['load_after']}",
               f"- wall time {res['wall_s']:.0f} s ({'complete' if res['complete'] else 'INCOMPLETE'}); "
               f"per run: train {res['mean_train_s']:.1f} s, probe {res['mean_probe_s']:.1f} s (means)",
@@ -356,6 +357,10 @@ def parse_args(argv=None):
     p.add_argument("--probe-epochs", type=int, help=f"probe epochs (default {FULL['probe_epochs']})")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "paper_miniature"))
     p.add_argument("--name", default=None, help="file stem (default paper_miniature, or paper_miniature_smoke)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (sets OMP_NUM_THREADS, which the trainer then keeps); default: the "
+                        "trainer's choice, all logical CPUs. On a shared, loaded machine 1 thread avoids OpenMP "
+                        "barrier stalls")
     p.add_argument("--verbose", action="store_true", help="show the trainer's own output")
     args = p.parse_args(argv)
     base = SMOKE if args.smoke else FULL
@@ -364,6 +369,8 @@ def parse_args(argv=None):
             setattr(args, k, v)
         elif getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     if args.probe_train < 2 or args.probe_test < 1:
         p.error("--probe-train must be >= 2 and --probe-test >= 1")
     args.setting = "smoke" if args.smoke else ("full" if all(getattr(args, k) == v for k, v in FULL.items())
@@ -375,11 +382,16 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    else:  # what the trainer sets; the probe runs with the same
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     qs = questions(args.smoke)
     conds = list(dict.fromkeys(c for q in qs.values() if not q["pending"] for _, c in q["points"]))
     seeds = list(range(args.seeds))
     env = environment(torch.device("cpu"))
-    env.update(cpu=cpu_name(), cpu_count=os.cpu_count())
+    env.update(cpu=cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
     res = {"setting": args.setting, "argv": list(sys.argv[1:] if argv is None else argv),
            "settings": {**{k: getattr(args, k) for k in FULL}, "seed_list": seeds, "preset": "tiny",
                         "probe_seed": PROBE_SEED, "attributes": ATTRIBUTES},

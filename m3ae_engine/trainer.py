@@ -239,8 +239,8 @@ def train(cfg: TrainConfig) -> dict:
         ops.resolve_backend(cfg.kernels, device)
     if cfg.attention != "auto":
         attention_backends.resolve_backend(cfg.attention, device)
-    if device.type == "cpu" and not info.distributed:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if device.type == "cpu" and not info.distributed and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))  # an explicit OMP_NUM_THREADS is the user's choice
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # same init on every rank: DDP / ZeRO start from identical replicas
