@@ -173,6 +173,10 @@ def probe(model, data, epochs: int, seed: int) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ runs
+class StudyInterrupted(RuntimeError):
+    """The trainer caught a signal: the study writes what it has (complete: false) and stops."""
+
+
 def run_condition(cond: Condition, seed: int, args, data, verbose: bool) -> dict:
     cfg = TrainConfig(preset="tiny", steps=args.steps, batch_size=args.batch_size, seed=seed, device="cpu",
                       warmup_steps=warmup_steps(args.steps), log_every=args.steps, tensorboard=False,
@@ -190,6 +194,9 @@ def run_condition(cond: Condition, seed: int, args, data, verbose: bool) -> dict
                 stack.enter_context(contextlib.redirect_stdout(sink))
                 stack.enter_context(contextlib.redirect_stderr(sink))
             result = train(cfg)
+        if result["stopped"] is not None:  # SIGINT/SIGTERM reached the trainer: a half-trained model is no point
+            raise StudyInterrupted(f"{cond.name} seed {seed}: training stopped ({result['stopped']}) at step "
+                                   f"{result['step']} of {cfg.total_steps}")
         model, final_loss = result["runtime"].module, result["last"]
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -413,6 +420,11 @@ def main(argv=None) -> dict:
                       " ".join(f"{a} {r[a]:.3f}" for a in ATTRIBUTES) +
                       f" (train {r['train_s']:.0f} s, loss {r['final_train_loss']}) "
                       f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+            except StudyInterrupted as e:
+                res["errors"].append(f"interrupted: {e}")
+                finish(res, t0, total, out_dir, args.name, final=True)
+                print(f"interrupted: {e}; partial results written to {out_dir}", file=sys.stderr)
+                raise SystemExit(130)
             except Exception as e:  # recorded; the other runs go on
                 res["errors"].append(f"{cond.name} seed {seed}: {error_text(e)}")
                 print(f"error: {res['errors'][-1]}", file=sys.stderr, flush=True)
