@@ -333,18 +333,29 @@ def plot(res: dict, path: Path) -> None:
         pts = [(x, c) for x, c in q["points"] if c in s]
         categorical = any(isinstance(x, str) for x, _ in pts)
         xs = np.arange(len(pts)) if categorical else np.array([x for x, _ in pts], dtype=float)
-        for j, a in enumerate(list(ATTRIBUTES) + ["mean"]):
+        names = list(ATTRIBUTES) + ["mean"]
+        for j, a in enumerate(names):
+            colour = "k" if a == "mean" else f"C{j}"
             mean = np.array([s[c][a]["mean"] for _, c in pts])
             std = np.array([s[c][a]["std"] or 0.0 for _, c in pts])
-            off = (j - 2) * 0.08 if categorical else 0.0
-            style = dict(lw=2.5, color="k") if a == "mean" else {}
-            ax.errorbar(xs + off, mean, yerr=std, marker="o", capsize=3, label=a, **style)
+            if categorical:  # grouped bars: one group per pretraining, one bar per attribute
+                width = 0.8 / len(names)
+                ax.bar(xs + (j - (len(names) - 1) / 2) * width, mean, width, yerr=std, capsize=2, color=colour,
+                       label=a, alpha=0.85)
+            else:
+                ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, color=colour, label=a,
+                            lw=2.5 if a == "mean" else 1.5)
+            if a != "mean":  # chance level of the attribute
+                ax.axhline(1 / len(ATTRIBUTES[a]), color=colour, ls=":", lw=0.8)
         if categorical:
             ax.set_xticks(xs, [x for x, _ in pts])
-    axes[0].legend(fontsize=8, loc="lower right")
+        else:
+            ax.set_xticks(xs)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=9)
     fig.suptitle(f"M3AE paper findings in miniature ({res['setting']}; tiny preset, {res['settings']['steps']} "
-                 f"steps, {len(res['settings']['seed_list'])} seed(s); mean ± std)")
-    fig.tight_layout()
+                 f"steps, {len(res['settings']['seed_list'])} seed(s); mean ± std; dotted: chance)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
