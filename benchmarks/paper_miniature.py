@@ -267,6 +267,10 @@ def verdicts(res: dict) -> List[str]:
         spread = max(m("m3ae")["std"] or 0, m("mae")["std"] or 0)
         lines.append(f"1. M3AE - MAE, mean top-1 over attributes: {100 * d:+.1f} points (largest seed std "
                      f"{100 * spread:.1f}); M3AE higher on {wins}/{len(ATTRIBUTES)} attributes.")
+        if m("init"):
+            lines.append(f"1. against no pretraining (the initial weights, {fmt(m('init'))}): MAE "
+                         f"{100 * (m('mae')['mean'] - m('init')['mean']):+.1f}, M3AE "
+                         f"{100 * (m('m3ae')['mean'] - m('init')['mean']):+.1f} points.")
     for key, label in (("text_mask_ratio", "2. text mask ratio"), ("paired_fraction", "3. paired fraction")):
         q = res["questions"][key]
         if q["pending"]:
@@ -290,7 +294,8 @@ def markdown(res: dict) -> str:
              f"warmup), trainer defaults otherwise (base lr 1.5e-3 x batch / 256, AdamW, image mask 0.75); seeds {cfg['seed_list']}. Linear probe (BatchNorm + Linear, {PROBE_OPTIMIZER.upper()}, "
              f"{cfg['probe_epochs']} epochs) on the frozen image-only CLS feature, trained on {cfg['probe_train']} "
              f"and tested on {cfg['probe_test']} held-out single-object scenes. Top-1 % mean ± sample std over "
-             f"seeds. Chance: shape 25, colour 12.5, size 33.3, position 11.1.", ""]
+             f"seeds. Chance: shape 25, colour 12.5, size 33.3, position 11.1. Pretraining \"none\": the initial "
+             f"weights every run starts from (same seed), probed without training.", ""]
     for key, q in res["questions"].items():
         lines += [f"## {q['title']}", ""]
         if q["pending"]:
@@ -379,6 +384,7 @@ def parse_args(argv=None):
                    help="torch CPU threads (sets OMP_NUM_THREADS, which the trainer then keeps); default: the "
                         "trainer's choice, all logical CPUs. On a shared, loaded machine 1 thread avoids OpenMP "
                         "barrier stalls")
+    p.add_argument("--render", metavar="JSON", help="only rebuild the .md and .png next to a result JSON")
     p.add_argument("--verbose", action="store_true", help="show the trainer's own output")
     args = p.parse_args(argv)
     base = SMOKE if args.smoke else FULL
@@ -397,8 +403,21 @@ def parse_args(argv=None):
     return args
 
 
+def render(path: Path) -> None:
+    try:
+        res = json.loads(Path(path).read_text())
+        markdown(res)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --render {path}: not a readable paper_miniature result ({error_text(e)})") from None
+    write_atomic(path.with_suffix(".md"), markdown(res))
+    plot(res, path.with_suffix(".png"))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        render(Path(args.render))
+        return json.loads(Path(args.render).read_text())
     out_dir = Path(args.out_dir)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
