@@ -43,13 +43,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _env import environment, error_text  # noqa: E402
-from m3ae_engine.config import M3AEConfig  # noqa: E402
+from m3ae_engine.config import ConfigError, M3AEConfig  # noqa: E402
 from m3ae_engine.data.synthetic import COLOURS, COLS, ROWS, SHAPES, SIZES, make_sample  # noqa: E402
 from m3ae_engine.eval.features import extract_features  # noqa: E402
 from m3ae_engine.eval.linear_probe import train_linear_probe  # noqa: E402
 from m3ae_engine.model import M3AE  # noqa: E402
 from m3ae_engine.train_config import TrainConfig  # noqa: E402
-from m3ae_engine.trainer import train  # noqa: E402
+from m3ae_engine.trainer import cpu_threads, train  # noqa: E402
 
 PROBE_SEED = 424_242  # held-out scenes: training reads seeds 0.., eval seed + 1_000_003
 # SGD, not the official LARS: on the initial (untrained) encoder's features, LARS (trust 0.001) left the
@@ -381,7 +381,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "paper_miniature"))
     p.add_argument("--name", default=None, help="file stem (default paper_miniature, or paper_miniature_smoke)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (sets OMP_NUM_THREADS, which the trainer then keeps); default: the "
+                   help="torch CPU threads (sets M3AE_CPU_THREADS, which the trainer reads); default: the "
                         "trainer's choice, all logical CPUs. On a shared, loaded machine 1 thread avoids OpenMP "
                         "barrier stalls")
     p.add_argument("--render", metavar="JSON", help="only rebuild the .md and .png next to a result JSON")
@@ -420,10 +420,11 @@ def main(argv=None) -> dict:
         return json.loads(Path(args.render).read_text())
     out_dir = Path(args.out_dir)
     if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
-    else:  # what the trainer sets; the probe runs with the same
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        os.environ["M3AE_CPU_THREADS"] = str(args.threads)  # the trainer's thread count
+    try:
+        torch.set_num_threads(cpu_threads())  # the probe runs with the trainer's threads
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     qs = questions(args.smoke)
     conds = list(dict.fromkeys(c for q in qs.values() if not q["pending"] for _, c in q["points"]))
     seeds = list(range(args.seeds))

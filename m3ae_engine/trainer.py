@@ -158,6 +158,17 @@ def micro_batch(batch: dict, modality: str, unpaired: Optional[dict], unpaired_n
     return out
 
 
+def cpu_threads() -> int:
+    """Threads of a single-process CPU run: all logical CPUs, or $M3AE_CPU_THREADS (e.g. 1 on a shared,
+    loaded machine, where OpenMP's barriers stall whenever one of its threads is descheduled)."""
+    value = os.environ.get("M3AE_CPU_THREADS", "")
+    if not value:
+        return max(1, os.cpu_count() or 1)
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"M3AE_CPU_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _inject_steps():
     env = os.environ.get("M3AE_INJECT_NAN_STEPS", "")
     return {int(s) for s in env.split(",") if s.strip()}
@@ -239,8 +250,8 @@ def train(cfg: TrainConfig) -> dict:
         ops.resolve_backend(cfg.kernels, device)
     if cfg.attention != "auto":
         attention_backends.resolve_backend(cfg.attention, device)
-    if device.type == "cpu" and not info.distributed and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))  # an explicit OMP_NUM_THREADS is the user's choice
+    if device.type == "cpu" and not info.distributed:
+        torch.set_num_threads(cpu_threads())
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # same init on every rank: DDP / ZeRO start from identical replicas

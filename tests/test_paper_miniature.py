@@ -37,7 +37,7 @@ def test_pairing_question_is_pending_without_the_field(monkeypatch):
 
 
 def test_smoke_study_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # restored after the test; main() sets it again
+    monkeypatch.setenv("M3AE_CPU_THREADS", "1")  # restored after the test; main() sets it again
     threads = torch.get_num_threads()
     try:
         res = pm.main(["--smoke", "--threads", "1", "--out-dir", str(tmp_path)])
@@ -72,3 +72,16 @@ def test_bad_arguments_are_one_line_errors(capsys):
     with pytest.raises(SystemExit) as e:
         pm.parse_args(["--seeds", "0"])
     assert e.value.code == 2 and "--seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_trainer_cpu_threads_from_the_environment(monkeypatch):
+    from m3ae_engine.config import ConfigError
+    from m3ae_engine.trainer import cpu_threads
+    monkeypatch.delenv("M3AE_CPU_THREADS", raising=False)
+    assert cpu_threads() >= 1
+    monkeypatch.setenv("M3AE_CPU_THREADS", "3")
+    assert cpu_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("M3AE_CPU_THREADS", bad)
+        with pytest.raises(ConfigError, match="M3AE_CPU_THREADS must be a positive integer"):
+            cpu_threads()
