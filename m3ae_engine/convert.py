@@ -574,7 +574,10 @@ def describe_training_checkpoint(path: Path) -> List[str]:
     tc = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
     shown = ("preset", "modality", "batch_size", "grad_accum", "steps", "epochs", "base_lr", "weight_decay",
              "mask_sharing", "precision", "data")
-    files = sorted(p.name + ("/" if p.is_dir() else f" ({p.stat().st_size / 1e6:.1f} MB)") for p in path.iterdir())
+    def size(n):
+        return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+    files = sorted(p.name + ("/" if p.is_dir() else f" ({size(p.stat().st_size)})") for p in path.iterdir())
     return [f"train.py checkpoint: step {meta.get('step')}, runtime {meta.get('runtime')}, "
             f"world size {meta.get('world_size')}",
             "train config: " + ", ".join(f"{k}={tc[k]!r}" for k in shown if k in tc),

@@ -371,3 +371,36 @@ def test_flax_objects_unpickle_without_flax(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert "encoder" in read_official_checkpoint(tmp_path / "evil.pkl").params
     assert "pwned" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- train.py checkpoint directories
+def test_inspect_and_convert_a_training_checkpoint_directory(tmp_path, capsys):
+    from m3ae_engine.train_config import TrainConfig
+    from m3ae_engine.trainer import train
+    train(TrainConfig(batch_size=4, steps=2, warmup_steps=1, log_every=1, tensorboard=False, ckpt_every=2,
+                      num_workers=0, output_dir=str(tmp_path / "run")))
+    step_dir = tmp_path / "run" / "checkpoints" / "step_00000002"
+    capsys.readouterr()
+    assert main(["inspect", str(step_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "train.py checkpoint: step 2, runtime torch" in out and "optimizer state: " in out
+    assert "state.pt (" in out and "preset='tiny'" in out and '"emb_dim": 64' in out
+    # its weights convert and load (the same as the run's final export, saved at the same step)
+    assert main(["to-torch", str(step_dir), str(tmp_path / "conv")]) == 0
+    model, report = load_model(tmp_path / "conv")
+    final, _ = load_model(tmp_path / "run")
+    for k, v in final.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # and torch-to-m3ae keeps its step
+    assert main(["torch-to-m3ae", str(step_dir), str(tmp_path / "o.pkl")]) == 0
+    assert read_official_checkpoint(tmp_path / "o.pkl").step == 2
+    # a DeepSpeed checkpoint is described, its shards are not read
+    ds = tmp_path / "ds_step"
+    ds.mkdir()
+    (ds / "deepspeed").mkdir()
+    (ds / "meta.json").write_text((step_dir / "meta.json").read_text().replace('"runtime": "torch"', '"runtime": "deepspeed"'))
+    capsys.readouterr()
+    assert main(["inspect", str(ds)]) == 0
+    assert "runtime deepspeed" in capsys.readouterr().out
+    assert main(["to-torch", str(ds), str(tmp_path / "x")]) == 2
+    assert "m3ae_engine.checkpoint export" in capsys.readouterr().err
