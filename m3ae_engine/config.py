@@ -53,6 +53,7 @@ class M3AEConfig:
     use_type_embedding: bool = True
     layer_norm_eps: float = 1e-6
     gelu: str = "tanh"  # "tanh" (flax default, official) | "exact"
+    output_head_depth: int = 0  # official: 0 = one Linear per head; k > 0 = the official MLP heads (heads.py)
     # losses
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5  # paper: 0.5; the official code's default flag is 0.1
@@ -158,6 +159,9 @@ class M3AEConfig:
              f"of {self.text_length}; lower it")
         need(self.mask_sharing in ("sample", "batch"),
              f"mask_sharing must be 'sample' or 'batch', got {self.mask_sharing!r}")
+        need(isinstance(self.output_head_depth, int) and not isinstance(self.output_head_depth, bool)
+             and self.output_head_depth >= 0,
+             f"output_head_depth must be an integer >= 0, got {self.output_head_depth!r}")
         need(self.gelu in ("tanh", "exact"), f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
         need(self.kernels in ("auto", "torch", "triton", "cuda"),
              f"kernels must be one of auto, torch, triton, cuda; got {self.kernels!r}")

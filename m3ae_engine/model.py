@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import ops
 from .attention import AttentionContext, attention
 from .config import M3AEConfig
+from .heads import OutputHead
 from .masking import MaskingPlan, build_plan
 from .pos_embed import position_table
 from .reference import normalize_image, patchify
@@ -160,8 +161,9 @@ class M3AE(nn.Module):
         self.decoder = nn.ModuleList(Block(dd, c.dec_num_heads, c.mlp_ratio, c.layer_norm_eps, c.gelu,
                                            c.compile_blocks) for _ in range(c.dec_depth))
         self.decoder_norm = nn.LayerNorm(dd, eps=c.layer_norm_eps)
-        self.decoder_image_output = nn.Linear(dd, c.patch_dim)
-        self.decoder_text_output = nn.Linear(dd, c.vocab_size)
+        # output heads (official MLP when output_head_depth > 0); their last Linear is .weight/.bias
+        self.decoder_image_output = OutputHead(dd, c.patch_dim, c.output_head_depth, c.layer_norm_eps, c.gelu)
+        self.decoder_text_output = OutputHead(dd, c.vocab_size, c.output_head_depth, c.layer_norm_eps, c.gelu)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -175,6 +177,8 @@ class M3AE(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, OutputHead):
+                m.reset_parameters()
         nn.init.normal_(self.text_embedding.weight, std=1.0)
         for name, p in self.named_parameters():
             if name.endswith("_type_embedding") or name in ("cls_token", "image_mask_embedding",
@@ -342,13 +346,13 @@ class M3AE(nn.Module):
             masked_pos = (plan.image_patch_index.long() % plan.num_patches).view(b, lm)
         text_loss = text_acc = logits = None
         if text is not None:
-            h = d[plan.text_pred_rows]  # [Nt, Dd]
+            h = self.decoder_text_output.hidden(d[plan.text_pred_rows])  # [Nt, Dd]: the MLP head before its last Linear
             targets = text.reshape(-1).long()[plan.text_target_index]
             text_loss, text_acc = ops.linear_cross_entropy(h, self.decoder_text_output.weight,
                                                            self.decoder_text_output.bias, targets,
                                                            plan.text_row_weight, backend=self._kernels())
             if return_text_logits:
-                logits = self.decoder_text_output(h)
+                logits = F.linear(h, self.decoder_text_output.weight, self.decoder_text_output.bias)
         loss = 0.0
         if image_loss is not None:
             loss = loss + c.image_loss_weight * image_loss
