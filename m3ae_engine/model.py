@@ -121,7 +121,8 @@ class M3AEOutput:
     text_accuracy: Optional[torch.Tensor]
     image_mask: Optional[torch.Tensor]  # [B, Li] 1 = masked
     text_mask: Optional[torch.Tensor]  # [B, Lt] 1 = masked (padding included, as the official mask)
-    image_prediction: Optional[torch.Tensor]  # [B, Lm, p*p*3] predicted patches at masked positions
+    # predicted patches at the loss positions: the masked ones (every patch with image_all_token_loss)
+    image_prediction: Optional[torch.Tensor]  # [B, Lm, p*p*3]
     image_masked_positions: Optional[torch.Tensor]  # [B, Lm] their positions (ascending)
     text_logits: Optional[torch.Tensor]  # [Nt, V] only with return_text_logits=True
     text_target_index: Optional[torch.Tensor]  # [Nt] b*Lt + l of each text prediction row
@@ -129,7 +130,8 @@ class M3AEOutput:
     plan: MaskingPlan
 
     def image_prediction_full(self) -> torch.Tensor:
-        """[B, Li, P]: predictions at masked positions, zeros at visible ones."""
+        """[B, Li, P]: the predictions at their positions, zeros at the others (the visible patches,
+        unless image_all_token_loss predicts every patch)."""
         b, lm, p = self.image_prediction.shape
         li = self.image_mask.shape[1]
         full = self.image_prediction.new_zeros(b, li, p)
@@ -274,7 +276,8 @@ class M3AE(nn.Module):
         c = self.config
         return build_plan(batch, c.num_patches, c.image_keep, text_padding_mask, c.text_length, c.text_keep,
                           has_image=has_image, packed=c.packed, sharing=c.mask_sharing, device=self.cls_token.device,
-                          generator=generator, image_noise=image_noise, text_noise=text_noise)
+                          generator=generator, image_noise=image_noise, text_noise=text_noise,
+                          image_all_tokens=c.image_all_token_loss, text_all_tokens=c.text_all_token_loss)
 
     def encode(self, image, text, plan: MaskingPlan) -> torch.Tensor:
         """Encoder over the plan's visible rows -> [T, D] (after the final LayerNorm)."""
@@ -337,7 +340,7 @@ class M3AE(nn.Module):
 
         image_loss = image_pred = masked_pos = None
         if image is not None:
-            lm = plan.num_patches - plan.image_keep
+            lm = plan.image_patch_index.numel() // b  # masked patches per sample (all with image_all_token_loss)
             pred = self.decoder_image_output(d[plan.image_pred_rows])  # [B*Lm, P]
             image_loss = ops.masked_mse(pred, image, plan.image_patch_index,
                                         plan.image_row_weight, c.patch_size, c.norm_pix_loss,
