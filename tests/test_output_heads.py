@@ -1,0 +1,168 @@
+"""output_head_depth: the official MLP output heads (young-geng/m3ae_public m3ae/model.py, class MLP).
+
+The official head, transcribed from flax to torch below (`official_mlp`), on a params dict laid out as
+the flax tree (`LayerNorm_0/scale`, `Dense_i/kernel` [in, out], ...), so the test also pins the
+state-dict <-> flax-path table (`heads.official_head_keys`) the converter uses.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m3ae_engine import M3AE, M3AEConfig
+from m3ae_engine.heads import OutputHead, official_head_keys
+
+
+def official_mlp(x, params, depth):
+    """flax MLP(hidden_dim=Dd, output_dim, depth, input_norm=depth > 0): nn.LayerNorm() is eps 1e-6,
+    nn.gelu is the tanh approximation, the residual starts at the second layer."""
+    def layer_norm(v, name):
+        return F.layer_norm(v, (v.shape[-1],), params[f"{name}/scale"], params[f"{name}/bias"], 1e-6)
+
+    def dense(v, name):
+        return v @ params[f"{name}/kernel"] + params[f"{name}/bias"]
+
+    if depth > 0:
+        x = layer_norm(x, "LayerNorm_0")
+    for i in range(depth):
+        y = dense(x, f"Dense_{i}")
+        y = F.gelu(y, approximate="tanh")
+        y = layer_norm(y, f"LayerNorm_{i + 1}")
+        x = x + y if i > 0 else y
+    return dense(x, f"Dense_{depth}")
+
+
+def flax_params(head: OutputHead, prefix: str = "head"):
+    """The head's parameters as the official flax tree would hold them (kernels [in, out])."""
+    sd = dict(head.named_parameters())  # not state_dict(): that one is detached
+    out = {}
+    for key, path, transpose in official_head_keys(prefix, head.depth):
+        t = sd[key[len(prefix) + 1:]]
+        out[path[len(prefix) + 1:]] = t.t() if transpose else t
+    return out
+
+
+def _randomise(module, gen):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_matches_official_formula(depth, dtype):
+    gen = torch.Generator().manual_seed(depth)
+    head = OutputHead(12, 7, depth, eps=1e-6, gelu="tanh")
+    _randomise(head, gen)  # non-trivial LayerNorm scales/biases too
+    x = torch.randn(13, 12, generator=gen)
+    want = official_mlp(x.double(), {k: v.double() for k, v in flax_params(head).items()}, depth)
+    got = head.to(dtype)(x.to(dtype))
+    assert got.shape == (13, 7) and got.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+    # hidden() is everything before the last Linear: the fused CE takes the rest
+    torch.testing.assert_close(F.linear(head.hidden(x.to(dtype)), head.weight, head.bias), got)
+
+
+def test_head_state_dict_keys_and_official_paths():
+    dd, out = 8, 5
+    for depth in (0, 1, 2):
+        head = OutputHead(dd, out, depth, 1e-6, "tanh")
+        table = official_head_keys("decoder_text_output", depth)
+        keys = {k[len("decoder_text_output."):] for k, _, _ in table}
+        assert keys == set(head.state_dict())
+        paths = [p for _, p, _ in table]
+        assert len(set(paths)) == len(paths)
+        n_dense = sum(1 for p in paths if "/Dense_" in p and p.endswith("/kernel"))
+        n_norm = sum(1 for p in paths if "/LayerNorm_" in p and p.endswith("/scale"))
+        assert (n_dense, n_norm) == (depth + 1, depth + (1 if depth else 0))
+        assert ("decoder_text_output.weight", f"decoder_text_output/Dense_{depth}/kernel", True) in table
+    # depth 0: the keys of a plain nn.Linear, as before output_head_depth existed
+    m = M3AE(M3AEConfig.from_preset("tiny"))
+    assert sorted(k for k in m.state_dict() if "_output" in k) == [
+        "decoder_image_output.bias", "decoder_image_output.weight",
+        "decoder_text_output.bias", "decoder_text_output.weight"]
+
+
+def test_head_initialisation_is_official():
+    torch.manual_seed(0)
+    dd, out = 64, 48
+    head = OutputHead(dd, out, 2, 1e-6, "tanh")
+    for name, p in head.named_parameters():
+        if name.endswith("bias"):
+            assert not p.any(), name
+        elif "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:  # xavier_uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+            a = math.sqrt(6.0 / (p.shape[0] + p.shape[1]))
+            assert p.abs().max() <= a and p.abs().max() > 0.9 * a, name
+    # the model's reset_parameters keeps it (the heads are not plain Linears any more)
+    m = M3AE(M3AEConfig.from_preset("tiny", output_head_depth=1))
+    assert torch.equal(m.decoder_text_output.layers[0].norm.weight, torch.ones(32))
+    assert not m.decoder_image_output.bias.any()
+    assert m.decoder_text_output.input_norm.eps == m.config.layer_norm_eps == 1e-6
+
+
+def _official_losses(model, image, text, pad, plan):
+    """Official m3ae_main loss: heads on ALL decoder positions (padded layout), then patch_mse_loss and
+    cross_entropy_loss_and_accuracy with the masks; the heads through `official_mlp`."""
+    c = model.config
+    b, li = image.shape[0], c.num_patches
+    d = model.decode(model.encode(image, text, plan), plan).view(b, 1 + li + c.text_length, -1)
+    depth = c.output_head_depth
+    img_out = official_mlp(d[:, 1:1 + li], flax_params(model.decoder_image_output), depth)  # [B, Li, P]
+    txt_out = official_mlp(d[:, 1 + li:], flax_params(model.decoder_text_output), depth)  # [B, Lt, V]
+    from m3ae_engine.reference import normalize_image, patchify
+    target = patchify(normalize_image(image, c.image_mean, c.image_std), c.patch_size)
+    valid = plan.image_mask
+    ratio = valid.sum(-1) / valid.shape[-1]
+    image_loss = (torch.where(valid > 0, ((target - img_out) ** 2).mean(-1), 0.0).mean(-1) / ratio).mean()
+    tvalid = plan.text_mask * (1 - pad)
+    logp = torch.log_softmax(txt_out, -1).gather(-1, text[..., None]).squeeze(-1)
+    text_loss = -(torch.where(tvalid > 0, logp, 0.0).sum(-1) / tvalid.sum(-1).clamp_min(1e-5)).mean()
+    return image_loss, text_loss
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_model_with_mlp_heads_matches_official_loss(kernels):
+    torch.manual_seed(0)
+    c = M3AEConfig.from_preset("tiny", output_head_depth=2, packed=False, kernels="torch", attention="math")
+    ref = M3AE(c)
+    for m in (ref.decoder_image_output, ref.decoder_text_output):
+        _randomise(m, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(1)
+    b = 3
+    image = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    lengths = torch.tensor([1, 32, 9])
+    pad = (torch.arange(32)[None] >= lengths[:, None]).float()
+    text = torch.randint(1, c.vocab_size, (b, 32), generator=gen) * (1 - pad).long()
+    plan = ref.make_plan(b, True, pad, generator=torch.Generator().manual_seed(2))
+    want_img, want_txt = _official_losses(ref, image, text, pad, plan)
+    (want_img + 0.5 * want_txt).backward()
+    want_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if "_output" in n}
+    ref.zero_grad()
+
+    import copy
+    model = copy.deepcopy(ref)
+    model.config = copy.deepcopy(c)
+    model.config.kernels = kernels
+    out = model(image, text, pad, plan=plan)
+    torch.testing.assert_close(out.image_loss, want_img, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.text_loss, want_txt, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    for n, g in want_grads.items():
+        p = dict(model.named_parameters())[n]
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=lambda s: f"{n}: {s}")
+    # the packed layout gives the same losses on the same masks
+    model.config.packed = True
+    noise = dict(image_noise=plan.image_ids_restore.float(), text_noise=plan.text_ids_restore.float())
+    packed = model(image, text, pad, **noise)
+    torch.testing.assert_close(packed.loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_text_only_parameters_include_the_mlp_text_head():
+    m = M3AE(M3AEConfig.from_preset("tiny", output_head_depth=1))
+    ids = {id(p) for p in m.text_parameters()}
+    assert all(id(p) in ids for p in m.decoder_text_output.parameters())
+    assert not any(id(p) in ids for p in m.decoder_image_output.parameters())
