@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .config import ENCODER_PRESETS, ConfigError, M3AEConfig
+from .heads import official_head_keys
 from .official_pickle import OfficialCheckpointError, read_official_checkpoint, write_official_pickle
 from .official_variant import TRAINING_FIELDS, VariantError, fields_from_variant, variant_from_config
 from .pos_embed import sincos_2d
@@ -165,8 +166,9 @@ def official_name_map(config: M3AEConfig, with_text: bool = True) -> List[Tuple[
             dense(f"{s}/TransformerMLP_0/fc2", f"{t}.mlp.fc2")
         ln(f"{stack}/LayerNorm_0", f"{stack}_norm")
     dense("decoder_input_projection", "decoder_input_projection")
-    dense("decoder_image_output/Dense_0", "decoder_image_output")
-    dense("decoder_text_output/Dense_0", "decoder_text_output")
+    for head in ("decoder_image_output", "decoder_text_output"):  # official MLP heads (Dense_0 alone at depth 0)
+        m += [(src, dst, "dense" if transpose else "copy")
+              for dst, src, transpose in official_head_keys(head, config.output_head_depth)]
     if not with_text:
         m = [e for e in m if not e[0].startswith(TEXT_OFFICIAL)]
     return m

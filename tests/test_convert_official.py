@@ -207,3 +207,63 @@ def test_variant_round_trip_and_unrepresentable_configs():
     assert not notes
     with pytest.raises(ValueError, match="gelu='exact'"):
         variant_from_config(M3AEConfig.from_preset("tiny", gelu="exact"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# official MLP output heads (m3ae.output_head_depth > 0)
+# ------------------------------------------------------------------------------------------------------
+def np_official_mlp_head(h, x):
+    """m3ae/model.py `MLP(hidden_dim=Dd, output_dim, depth=k, input_norm=k > 0)` in float64:
+    LayerNorm_0, then per layer Dense_i -> gelu (tanh) -> LayerNorm_{i+1}, residual from the 2nd, Dense_k."""
+    def ln(x, p):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * p["scale"] + p["bias"]
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    h = {k: {n: np.float64(a) for n, a in v.items()} for k, v in h.items()}
+    depth = len([k for k in h if k.startswith("Dense_")]) - 1
+    if depth > 0:
+        x = ln(x, h["LayerNorm_0"])
+    for i in range(depth):
+        y = ln(gelu(x @ h[f"Dense_{i}"]["kernel"] + h[f"Dense_{i}"]["bias"]), h[f"LayerNorm_{i + 1}"])
+        x = x + y if i > 0 else y
+    return x @ h[f"Dense_{depth}"]["kernel"] + h[f"Dense_{depth}"]["bias"]
+
+
+@pytest.mark.parametrize("head_depth", [1, 3])
+def test_mlp_heads_convert_both_ways_and_match_the_official_formula(tmp_path, payload, head_depth):
+    tree = official_tree(np.random.default_rng(4), head_depth=head_depth)
+    path, _ = write_official(tmp_path, payload, variant=official_variant(**{"m3ae.output_head_depth": head_depth}),
+                             tree=tree)
+    assert main(["m3ae-to-torch", str(path), str(tmp_path / "conv")]) == 0
+    model, report = load_model(tmp_path / "conv")
+    assert report.ok and not report.not_converted and model.config.output_head_depth == head_depth
+    x = np.random.default_rng(5).standard_normal((7, DD))
+    with torch.no_grad():
+        for name in ("decoder_image_output", "decoder_text_output"):
+            got = getattr(model, name)(torch.from_numpy(x).float()).double().numpy()
+            np.testing.assert_allclose(got, np_official_mlp_head(tree[name], x), rtol=1e-4, atol=1e-4)
+    # and back: the official tree, bit for bit, with the depth in the flags
+    assert main(["torch-to-m3ae", str(tmp_path / "conv"), str(tmp_path / "back.pkl")]) == 0
+    data, params = official_load_pretrained(tmp_path / "back.pkl", ["decoder_image_output", "decoder_text_output"])
+    flat, want = flatten_tree(params), flatten_tree(tree)
+    assert flat.keys() == want.keys() and all(np.array_equal(flat[k], want[k]) for k in want)
+    assert data["variant"]["m3ae.output_head_depth"] == head_depth
+
+
+def test_head_depth_is_read_from_the_tensors_and_checked():
+    flat = flatten_tree(official_tree(np.random.default_rng(6), head_depth=2))
+    cfg = config_from_official(flat, official_variant(**{"m3ae.output_head_depth": 2}))
+    assert cfg.output_head_depth == 2
+    with pytest.raises(ConversionError, match=r"m3ae.output_head_depth gives output_head_depth=0, but the "
+                                              r"Dense_\* count of decoder_image_output says 2"):
+        config_from_official(flat, official_variant())
+    del flat["decoder_text_output/Dense_2/kernel"], flat["decoder_text_output/Dense_2/bias"]
+    with pytest.raises(ConversionError, match="the output heads differ in depth"):
+        config_from_official(flat, official_variant(**{"m3ae.output_head_depth": 2}))
+    # the all-token loss flags travel from the variant into the config
+    flat = flatten_tree(official_tree(np.random.default_rng(7)))
+    cfg = config_from_official(flat, official_variant(image_all_token_loss=True, text_all_token_loss=True))
+    assert cfg.image_all_token_loss and cfg.text_all_token_loss
