@@ -530,13 +530,13 @@ def _official_about(ckpt) -> List[str]:
         lines.append("no variant (run flags): the config comes from the tensor shapes and the command line")
     else:
         model = [f"{k}={v!r}" for k, v in ckpt.variant.items()
-                 if k.startswith(("m3ae.", "mae.", "data.image", "data.tokenizer_max", "data.custom"))
-                 or k in OFFICIAL_FLAGS_SHOWN]
+                 if k.startswith(("m3ae.", "mae.")) or k in OFFICIAL_FLAGS_SHOWN
+                 or k.rsplit(".", 1)[-1] in ("image_size", "tokenizer_max_length", "image_normalization")]
         lines.append(f"variant ({len(ckpt.variant)} flags), the model's: " + ", ".join(model))
     return lines + ckpt.other
 
 
-OFFICIAL_FLAGS_SHOWN = ("patch_size", "discretized_image", "image_all_token_loss", "text_all_token_loss",
+OFFICIAL_FLAGS_SHOWN = ("dataset", "patch_size", "discretized_image", "image_all_token_loss", "text_all_token_loss",
                         "image_loss_weight", "text_loss_weight", "unpaired_text_loss_weight")
 
 

@@ -5,7 +5,8 @@
 `data.image_size`, ...). The model config is what `MaskedMultimodalAutoencoder.get_default_config(FLAGS.m3ae)`
 resolves: the flags update the defaults, then a `model_type` preset (`get_transformer_by_config`) overwrites
 the dims -- so with `m3ae.model_type=base` the stored `m3ae.emb_dim` (1024, the default) is stale and the
-model is 768 wide. `mae_main.py` uses the prefix `mae.` for the same fields.
+model is 768 wide. `mae_main.py` uses the prefix `mae.` for the same fields and `cc12m_data.` /
+`imagenet_data.` (its `dataset` flag) for the data ones.
 
 The constants below are copied from young-geng/m3ae_public (m3ae/model.py, m3ae/data.py, m3ae/m3ae_main.py).
 """
@@ -66,6 +67,13 @@ def model_prefix(variant: dict) -> str:
     return "m3ae."
 
 
+def data_prefix(variant: dict) -> str:
+    """m3ae_main.py: `data.`; mae_main.py: `cc12m_data.` or `imagenet_data.`, as its `dataset` flag picks."""
+    if any(k.startswith("data.") for k in variant) or variant.get("dataset") not in ("cc12m", "imagenet"):
+        return "data."
+    return f"{variant['dataset']}_data."
+
+
 def fields_from_variant(variant: dict) -> Tuple[Dict[str, Any], Dict[str, str], List[str]]:
     """(M3AEConfig fields the variant states, the flag each came from, notes). Resolved as the official
     `get_default_config`: a `model_type` preset overrides the dims stored beside it."""
@@ -86,28 +94,30 @@ def fields_from_variant(variant: dict) -> Tuple[Dict[str, Any], Dict[str, str], 
                 notes.append(f"{prefix}{field}={values[field]} is overridden by {prefix}model_type={model_type!r} "
                              f"({field}={v}), as the official get_default_config does")
             values[field], origin[field] = v, f"{prefix}model_type={model_type!r}"
+    data = data_prefix(variant)
     for field, key in FLAG_KEYS.items():
+        key = data + key[len("data."):] if key.startswith("data.") else key
         if key in variant:
             values[field], origin[field] = variant[key], key
     if variant.get("discretized_image"):
         raise VariantError("discretized_image=True (VQGAN token targets) is not supported: the image head "
                            "predicts pixels here")
-    norm = variant.get("data.image_normalization")
+    norm = variant.get(data + "image_normalization")
     if norm is not None:
         if norm == "custom":
             try:
-                mean, std = (tuple(float(x) for x in str(variant.get(f"data.custom_image_{s}", "")).split("-"))
+                mean, std = (tuple(float(x) for x in str(variant.get(f"{data}custom_image_{s}", "")).split("-"))
                              for s in ("mean", "std"))
             except ValueError as e:
-                raise VariantError(f"data.image_normalization='custom' with unreadable "
-                                   f"data.custom_image_mean/std: {e}") from e
+                raise VariantError(f"{data}image_normalization='custom' with unreadable "
+                                   f"{data}custom_image_mean/std: {e}") from e
         elif norm in OFFICIAL_NORMALIZATIONS:
             mean, std = OFFICIAL_NORMALIZATIONS[norm]
         else:
-            raise VariantError(f"data.image_normalization={norm!r} is not one of the official modes "
+            raise VariantError(f"{data}image_normalization={norm!r} is not one of the official modes "
                                f"({', '.join(OFFICIAL_NORMALIZATIONS)}, custom)")
         values["image_mean"], values["image_std"] = mean, std
-        origin["image_mean"] = origin["image_std"] = "data.image_normalization"
+        origin["image_mean"] = origin["image_std"] = data + "image_normalization"
     for key in ("att_drop", "drop", "drop_path"):
         if variant.get(prefix + key):
             notes.append(f"{prefix}{key}={variant[prefix + key]}: m3ae_engine has no dropout (the weights "

@@ -267,3 +267,19 @@ def test_head_depth_is_read_from_the_tensors_and_checked():
     flat = flatten_tree(official_tree(np.random.default_rng(7)))
     cfg = config_from_official(flat, official_variant(image_all_token_loss=True, text_all_token_loss=True))
     assert cfg.image_all_token_loss and cfg.text_all_token_loss
+
+
+def test_mae_main_checkpoint_image_only(tmp_path, payload):
+    """mae_main.py: MaskedAutoencoder tree (no text), flags `mae.*` and `imagenet_data.*` (dataset=imagenet)."""
+    drop = ("m3ae.", "data.", "text_loss_weight", "unpaired_text_loss_weight", "text_all_token_loss")
+    variant = {k: v for k, v in official_variant().items() if not k.startswith(drop)}
+    variant.update({f"mae.{k[5:]}": v for k, v in official_variant().items()
+                    if k.startswith("m3ae.") and k != "m3ae.text_mask_ratio"})
+    variant.update({"dataset": "imagenet", "imagenet_data.image_size": IMG,
+                    "imagenet_data.image_normalization": "imagenet", "cc12m_data.image_size": 256})
+    tree = official_tree(np.random.default_rng(8), with_text=False)
+    path, _ = write_official(tmp_path, payload, variant=variant, tree=tree)
+    sd, cfg, report = read_checkpoint(path)
+    assert report.ok and "text_embedding.weight" in report.not_converted
+    assert (cfg.image_size, cfg.num_heads, cfg.image_mask_ratio) == (IMG, HEADS, 0.6)
+    assert cfg.image_mean == (0.485, 0.456, 0.406) and cfg.mask_sharing == "batch"
