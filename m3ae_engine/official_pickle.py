@@ -18,6 +18,7 @@ Writing (`write_official_pickle`): what the official `utils.load_checkpoint` and
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import os
 import pickle
@@ -40,23 +41,31 @@ class Inert:
     """Stand-in for a global of the pickle that we do not trust (class, function, constructor helper).
 
     Each global gets its own subclass (`qualname` = "module.name"). The unpickler may instantiate it
-    (REDUCE / NEWOBJ), call an instance (cloudpickle calls `_builtin_type('CodeType')(...)`), set its state
-    (BUILD) or append / set items on it: all of that is recorded, nothing is executed."""
+    (REDUCE / NEWOBJ / copyreg._reconstructor), call an instance (cloudpickle calls
+    `_builtin_type('CodeType')(...)`), set its state (BUILD) or append / set items on it: all of that is
+    recorded, nothing is executed."""
     qualname = "?"
+    args: tuple = ()  # class-level defaults: copyreg._reconstructor makes instances without __new__'s args
+    kwargs: dict = {}
+    state = None
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
-        obj.args, obj.kwargs, obj.state, obj.items = args, kwargs, None, []
+        obj.args, obj.kwargs = args, kwargs
         return obj
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __call__(self, *args, **kwargs):  # e.g. `_builtin_type('CodeType')` called with the code's fields
-        return _called(self.qualname + "(...)")(*args, **kwargs)
+        return inert_class(self.qualname + "(...)")(*args, **kwargs)
 
     def __setstate__(self, state):  # BUILD
         self.state = state
+
+    @property
+    def items(self) -> list:
+        return self.__dict__.setdefault("_items", [])
 
     def __setitem__(self, key, value):  # SETITEM(S)
         self.items.append((key, value))
@@ -71,13 +80,8 @@ class Inert:
         return f"<inert {self.qualname}>"
 
 
-_INERT_CLASSES: Dict[str, type] = {}
-
-
-def _called(qualname: str) -> type:
-    if qualname not in _INERT_CLASSES:
-        _INERT_CLASSES[qualname] = type(qualname.rsplit(".", 1)[-1], (Inert,), {"qualname": qualname})
-    return _INERT_CLASSES[qualname]
+def inert_class(qualname: str) -> type:
+    return type(qualname.rsplit(".", 1)[-1], (Inert,), {"qualname": qualname})
 
 
 def _latin1_encode(text, encoding="latin1"):
@@ -95,7 +99,7 @@ _BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "compl
 _SAFE_GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict,
                  ("types", "SimpleNamespace"): types.SimpleNamespace,
                  ("copyreg", "_reconstructor"): __import__("copyreg")._reconstructor,
-                 ("codecs", "encode"): _latin1_encode}
+                 ("codecs", "encode"): _latin1_encode, ("_codecs", "encode"): _latin1_encode}
 
 
 def _numpy_global(module: str, name: str):
@@ -115,7 +119,16 @@ def _numpy_global(module: str, name: str):
 
 
 class SafeUnpickler(pickle.Unpickler):
+    def __init__(self, file):
+        super().__init__(file)
+        self._inert: Dict[str, type] = {}  # one stand-in class per global name, per file
+
     def find_class(self, module, name):
+        # protocol 0-2 pickles name Python 2 modules (copy_reg, __builtin__): map them as pickle does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         fn = _numpy_global(module, name)
         if fn is not None:
             return fn
@@ -123,7 +136,10 @@ class SafeUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
-        return _called(f"{module}.{name}")
+        qualname = f"{module}.{name}"
+        if qualname not in self._inert:
+            self._inert[qualname] = inert_class(qualname)
+        return self._inert[qualname]
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids are not supported")
@@ -250,7 +266,10 @@ def read_official_checkpoint(path) -> OfficialCheckpoint:
         shown = sorted(map(str, top_fields)) if top_fields is not None else _kind(top)
         raise OfficialCheckpointError(f"{path}: no official M3AE parameter tree (looked for state.params['params'] "
                                       f"holding 'encoder' / 'image_embedding'); the top level holds {shown}")
-    ckpt = OfficialCheckpoint(path, materialise_tree(node, where), where)
+    try:
+        ckpt = OfficialCheckpoint(path, materialise_tree(node, where), where)
+    except RecursionError as e:
+        raise OfficialCheckpointError(f"{path}: the parameter tree nests too deeply") from e
     if top_fields is not None and keys:
         ckpt.step, ckpt.epoch = _as_int(top_fields.get("step")), _as_int(top_fields.get("epoch"))
         variant = top_fields.get("variant")
@@ -301,6 +320,8 @@ def summarise(obj, limit: int = 200_000) -> str:
         elif isinstance(x, Inert):
             names[x.qualname] += 1
             stack.extend([*x.args, *x.kwargs.values(), x.state, *x.items])
+        elif isinstance(x, type) and issubclass(x, Inert):  # a global named but never called
+            names[x.qualname] += 1
         elif isinstance(x, dict):
             stack.extend(x.values())
         elif isinstance(x, (list, tuple, set, frozenset)):

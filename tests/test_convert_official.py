@@ -283,3 +283,28 @@ def test_mae_main_checkpoint_image_only(tmp_path, payload):
     assert report.ok and "text_embedding.weight" in report.not_converted
     assert (cfg.image_size, cfg.num_heads, cfg.image_mask_ratio) == (IMG, HEADS, 0.6)
     assert cfg.image_mean == (0.485, 0.456, 0.406) and cfg.mask_sharing == "batch"
+
+
+class _OldStyle:  # pickled through copyreg._reconstructor with protocols 0 and 1
+    def __init__(self):
+        self.tree_note = "x"
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 5])
+def test_every_pickle_protocol_reads_inertly(tmp_path, protocol, monkeypatch):
+    import os
+    marker = tmp_path / "ran"
+
+    class System:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    tree = official_tree(np.random.default_rng(9))
+    path = tmp_path / f"p{protocol}.pkl"
+    path.write_bytes(pickle.dumps({"step": 3, "state": {"params": {"params": tree}}, "old": _OldStyle(),
+                                   "sys": System()}, protocol=protocol))
+    ckpt = read_official_checkpoint(path)
+    assert ckpt.step == 3 and np.array_equal(ckpt.params["cls_token"], tree["cls_token"])
+    lines = "\n".join(ckpt.other)
+    assert f"old: 1 inert stand-ins ({_OldStyle.__module__}._OldStyle)" in lines
+    assert "sys: 1 inert stand-ins (posix.system" in lines and not marker.exists()
