@@ -548,7 +548,11 @@ def _read_official(path: Path, config: Optional[M3AEConfig], overrides: dict):
     flat = flatten_tree(ckpt.params)
     notes: List[str] = []
     if config is None:
-        config, notes = resolve_official_config(flat, ckpt.variant, **overrides)
+        try:
+            config, notes = resolve_official_config(flat, ckpt.variant, **overrides)
+        except ConversionError as e:
+            e.about = [f"source: {path}"] + [f"  {a}" for a in _official_about(ckpt)]  # inspect still shows it
+            raise
     sd, report = official_to_state_dict(flat, config, f"{path}")
     report.about, report.step = _official_about(ckpt), ckpt.step
     report.notes = notes + report.notes
@@ -823,6 +827,8 @@ def main(argv=None) -> int:
                   f"load: timm.create_model({spec['base_model_name']!r}, pretrained=False, num_classes=N, "
                   f"**{spec['kwargs']}).load_state_dict(sd, strict=False)  # head stays new")
     except (ConversionError, ConfigError, FileNotFoundError) as e:
+        if args.cmd == "inspect" and getattr(e, "about", None):
+            print("\n".join(e.about))
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

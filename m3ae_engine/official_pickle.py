@@ -335,7 +335,8 @@ def summarise(obj, limit: int = 200_000) -> str:
     if names:
         top = ", ".join(f"{q} x{c}" if c > 1 else q for q, c in names.most_common(3))
         parts.append(f"{sum(names.values())} inert stand-ins ({top}{', ...' if len(names) > 3 else ''})")
-    return ", ".join(parts) + " -- not loaded into the model, nothing run"
+    head = f"{obj.qualname} holding " if isinstance(obj, Inert) else ""
+    return head + ", ".join(parts) + " -- not loaded into the model, nothing run"
 
 
 # ---------------------------------------------------------------------------------------------

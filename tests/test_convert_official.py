@@ -109,8 +109,9 @@ def test_preset_overrides_stale_dims_as_official_get_default_config():
     assert fields_from_variant(mae)[0]["num_heads"] == HEADS
 
 
-def test_variant_against_shapes_and_missing_fields_are_one_line_errors():
-    flat = flatten_tree(official_tree(np.random.default_rng(2)))
+def test_variant_against_shapes_and_missing_fields_are_one_line_errors(tmp_path, capsys):
+    tree = official_tree(np.random.default_rng(2))
+    flat = flatten_tree(tree)
     with pytest.raises(ConversionError, match=r"m3ae.depth gives depth=3, but the encoder/Block_\* count says 2"):
         config_from_official(flat, official_variant(**{"m3ae.depth": 3}))
     with pytest.raises(ConversionError, match="discretized_image"):
@@ -121,9 +122,14 @@ def test_variant_against_shapes_and_missing_fields_are_one_line_errors():
         config_from_official(flat, v)
     msg = str(e.value)
     assert "\n" not in msg and "--num-heads N" in msg and "--image-size N" in msg and "--text-length" not in msg
-    # no variant at all (a bare tree): the four fields the shapes cannot show are asked for
+    # no variant at all (a bare tree): the four fields the shapes cannot show are asked for (inspect still
+    # describes the file)
     with pytest.raises(ConversionError, match="pass --num-heads N --dec-num-heads N --image-size N --text-length N"):
         config_from_official(flat)
+    (tmp_path / "bare.pkl").write_bytes(pickle.dumps({"params": tree}))
+    assert main(["inspect", str(tmp_path / "bare.pkl")]) == 2
+    out, err = capsys.readouterr()
+    assert "no variant (run flags)" in out and "--num-heads N" in err and err.count("\n") == 1
     cfg, notes = resolve_official_config(flat, None, num_heads=HEADS, dec_num_heads=DHEADS, image_size=IMG,
                                          text_length=LT)
     assert (cfg.text_loss_weight, cfg.image_mask_ratio, cfg.mask_sharing) == (0.1, 0.75, "batch")  # official
@@ -306,5 +312,5 @@ def test_every_pickle_protocol_reads_inertly(tmp_path, protocol, monkeypatch):
     ckpt = read_official_checkpoint(path)
     assert ckpt.step == 3 and np.array_equal(ckpt.params["cls_token"], tree["cls_token"])
     lines = "\n".join(ckpt.other)
-    assert f"old: 1 inert stand-ins ({_OldStyle.__module__}._OldStyle)" in lines
-    assert "sys: 1 inert stand-ins (posix.system" in lines and not marker.exists()
+    assert f"old: {_OldStyle.__module__}._OldStyle holding 1 inert stand-ins" in lines
+    assert "sys: posix.system holding 1 inert stand-ins" in lines and not marker.exists()
