@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .atomic import atomic_write, atomic_write_text
 from .config import ENCODER_PRESETS, ConfigError, M3AEConfig
 from .heads import official_head_keys
 from .official_pickle import OfficialCheckpointError, read_official_checkpoint, write_official_pickle
@@ -717,7 +718,7 @@ def save_checkpoint(sd: Dict[str, torch.Tensor], config: M3AEConfig, out_dir) ->
     from .checkpoint import save_exported  # the training export's writer: atomic, config in the metadata
     out = Path(out_dir)
     save_exported(sd, config.to_dict(), out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
     return out
 
 
@@ -815,14 +816,13 @@ def main(argv=None) -> int:
             report.raise_if_errors()
             tsd = to_timm_state_dict(_full_state_dict(sd, cfg), cfg)
             out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
             if out.suffix == ".safetensors":
                 from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in tsd.items()}, str(out))
+                atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in tsd.items()}, str(tmp)))
             else:
-                torch.save({"model": tsd}, str(out))
+                atomic_write(out, lambda tmp: torch.save({"model": tsd}, str(tmp)))
             spec = timm_model_spec(cfg)
-            (out.parent / "timm_config.json").write_text(json.dumps(spec, indent=2))
+            atomic_write_text(out.parent / "timm_config.json", json.dumps(spec, indent=2))
             print(f"wrote {out} ({len(tsd)} tensors) and {out.parent / 'timm_config.json'}\n"
                   f"load: timm.create_model({spec['base_model_name']!r}, pretrained=False, num_classes=N, "
                   f"**{spec['kwargs']}).load_state_dict(sd, strict=False)  # head stays new")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
-import os
 import pickle
 import types
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from .atomic import atomic_write
 
 
 class OfficialCheckpointError(ValueError):
@@ -347,19 +348,11 @@ def write_official_pickle(path, params: dict, variant: dict, step: int = 0, epoc
     fields the official `utils.load_checkpoint` and `--load_pretrained` read. No optimizer state: official
     training cannot resume from it (m3ae_main.py --load_checkpoint needs the whole M3AETrainState).
     Written to a temporary file, fsync'ed and renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"step": int(step), "epoch": int(epoch), "variant": dict(variant),
             "state": types.SimpleNamespace(step=np.asarray(step, np.int32), params={"params": params},
                                            opt_state=None, tokenizer_params=None)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             pickle.dump(data, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, write)
