@@ -96,9 +96,15 @@ class ConversionReport:
         return "\n".join(lines)
 
     def raise_if_errors(self, allow_unexpected: bool = False) -> None:
-        bad = self.missing or self.shape_mismatch or (self.unexpected and not allow_unexpected)
-        if bad:
-            raise ConversionError(str(self))
+        """One line: how many tensors are missing / unexpected / mis-shaped, with the first of each (the
+        report, `str(self)` or `inspect`, lists them all)."""
+        groups = [("missing", self.missing), ("mis-shaped", self.shape_mismatch)]
+        if not allow_unexpected:
+            groups.append(("unexpected", self.unexpected))
+        parts = [f"{len(items)} {what} ({'; '.join(items[:2])}{'; ...' if len(items) > 2 else ''})"
+                 for what, items in groups if items]
+        if parts:
+            raise ConversionError(f"{self.source}: cannot convert: {', '.join(parts)} tensors")
 
 
 def _np(x) -> np.ndarray:
