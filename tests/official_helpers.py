@@ -1,6 +1,7 @@
 """Official M3AE (young-geng/m3ae_public) parameter trees, run flags and checkpoints, written here from the
 official module names and m3ae_main.py -- not from the converter's tables."""
 import dataclasses
+import math
 import sys
 import types
 from typing import Any, NamedTuple
@@ -48,6 +49,16 @@ def official_tree(rng, with_text=True, d=D, dd=DD, depth=DEPTH, ddepth=DDEPTH, p
                      "decoder_text_type_embedding": r(1, 1, dd), "text_mask_embedding": r(1, 1, dd),
                      "decoder_text_output": head(vocab)})
     return tree
+
+
+def np_layernorm(x, scale, bias, eps=1e-6):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def np_gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
 def official_variant(**changes):

@@ -3,7 +3,6 @@
 The official tree is written out by hand from the official module names (official_helpers.py, not from the
 converter's table), and the official block is re-implemented in NumPy from the official semantics.
 """
-import math
 import pickle
 import types
 
@@ -19,7 +18,8 @@ from m3ae_engine.convert import (ConversionError, config_from_official, flatten_
 from m3ae_engine.masking import SequenceLayout
 from m3ae_engine.official_pickle import OfficialCheckpointError, read_official_checkpoint
 
-from official_helpers import D, DD, DDEPTH, DEPTH, DHEADS, HEADS, IMG, LT, P, V, official_tree
+from official_helpers import (D, DD, DDEPTH, DEPTH, DHEADS, HEADS, IMG, LT, P, V, np_gelu_tanh, np_layernorm,
+                              official_tree)
 
 def tiny_official_config(**kw):
     return M3AEConfig(emb_dim=D, depth=DEPTH, num_heads=HEADS, dec_emb_dim=DD, dec_depth=DDEPTH,
@@ -27,16 +27,6 @@ def tiny_official_config(**kw):
 
 
 # ---------------------------------------------------------------- NumPy official semantics
-def np_layernorm(x, scale, bias, eps=1e-6):
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * scale + bias
-
-
-def np_gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
 def np_block(x, p, heads):
     """Official Flax Block on x [B, N, C] (float64)."""
     b, n, c = x.shape

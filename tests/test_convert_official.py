@@ -17,7 +17,8 @@ from m3ae_engine.convert import (ConversionError, config_from_official, flatten_
 from m3ae_engine.official_pickle import read_official_checkpoint
 from m3ae_engine.official_variant import fields_from_variant, variant_from_config
 
-from official_helpers import (D, DD, DDEPTH, DEPTH, DHEADS, HEADS, IMG, LT, P, V, install_fake_modules, official_tree,
+from official_helpers import (D, DD, DDEPTH, DEPTH, DHEADS, HEADS, IMG, LT, P, V, install_fake_modules,
+                              np_gelu_tanh, np_layernorm, official_tree,
                               official_variant, remove_fake_modules, write_m3ae_main_checkpoint)
 
 
@@ -222,18 +223,14 @@ def np_official_mlp_head(h, x):
     """m3ae/model.py `MLP(hidden_dim=Dd, output_dim, depth=k, input_norm=k > 0)` in float64:
     LayerNorm_0, then per layer Dense_i -> gelu (tanh) -> LayerNorm_{i+1}, residual from the 2nd, Dense_k."""
     def ln(x, p):
-        mu = x.mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * p["scale"] + p["bias"]
-
-    def gelu(x):
-        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+        return np_layernorm(x, p["scale"], p["bias"])
 
     h = {k: {n: np.float64(a) for n, a in v.items()} for k, v in h.items()}
     depth = len([k for k in h if k.startswith("Dense_")]) - 1
     if depth > 0:
         x = ln(x, h["LayerNorm_0"])
     for i in range(depth):
-        y = ln(gelu(x @ h[f"Dense_{i}"]["kernel"] + h[f"Dense_{i}"]["bias"]), h[f"LayerNorm_{i + 1}"])
+        y = ln(np_gelu_tanh(x @ h[f"Dense_{i}"]["kernel"] + h[f"Dense_{i}"]["bias"]), h[f"LayerNorm_{i + 1}"])
         x = x + y if i > 0 else y
     return x @ h[f"Dense_{depth}"]["kernel"] + h[f"Dense_{depth}"]["bias"]
 
