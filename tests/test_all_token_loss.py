@@ -1,0 +1,170 @@
+"""image_all_token_loss / text_all_token_loss: the official flags (m3ae_main.py, mae_main.py) on every
+kernel backend, packed and padded, paired, image-only (MAE) and text-only forwards.
+
+The official losses (official_m3ae.py, transcribed) run on the engine model's padded decoder output with
+the heads applied to ALL positions; the engine computes the heads only on the plan's loss rows.
+The CUDA backend runs its Python wrappers over the CPU emulation of `_C` (test_cuda_wrappers_emulated).
+"""
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from official_m3ae import batch, official_losses, same_masks
+from test_cuda_wrappers_emulated import emulated  # noqa: F401  (fixture)
+
+from m3ae_engine import M3AE, M3AEConfig, ops
+from m3ae_engine.masking import build_plan
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("exact", [True, False])
+def test_plan_rows_cover_every_token(packed, exact):
+    b, li, ki, lt, kt = 3, 9, 2, 7, 3
+    lengths = torch.tensor([1, 7, 4])
+    pad = (torch.arange(lt)[None] >= lengths[:, None]).float()
+    plan = build_plan(b, li, ki, pad, lt, kt, packed=packed, generator=torch.Generator().manual_seed(0),
+                      exact_sizes=exact, image_all_tokens=True, text_all_tokens=True)
+    # pixels: every patch of every image, weight 1 / (B * Li) (patch_mse_loss without a mask)
+    assert torch.equal(plan.image_patch_index.long(), torch.arange(b * li))
+    assert torch.allclose(plan.image_row_weight, torch.full((b * li,), 1.0 / (b * li)))
+    assert torch.equal(plan.dec_row_kind[plan.image_pred_rows], torch.zeros(b * li, dtype=torch.int32))
+    assert torch.equal(plan.dec_row_pos[plan.image_pred_rows].long(), torch.arange(li).repeat(b))
+    # words: every non-padded token once, weight 1 / (B * length) (official per-sample mean, batch mean)
+    w = plan.text_row_weight
+    live = w > 0
+    tgt = plan.text_target_index[live]
+    assert sorted(tgt.tolist()) == [i * lt + j for i in range(b) for j in range(int(lengths[i]))]
+    want_w = 1.0 / (b * lengths[tgt // lt].float())
+    torch.testing.assert_close(w[live], want_w)
+    rows = plan.text_pred_rows[live]
+    assert torch.equal(plan.dec_row_kind[rows], torch.ones_like(rows, dtype=torch.int32))
+    assert torch.equal(plan.dec_row_pos[rows].long() - li, tgt % lt)  # the row decodes that very position
+    if not exact and packed:
+        assert w.numel() == b * lt and not w[~live].any()  # capacity layout: filler rows weigh 0
+
+
+def test_plan_default_rows_are_the_masked_ones():
+    pad = torch.zeros(2, 6)
+    plan = build_plan(2, 9, 3, pad, 6, 2, generator=torch.Generator().manual_seed(0))
+    assert plan.image_patch_index.numel() == 2 * 6 and plan.text_target_index.numel() == 2 * 4
+    masked = plan.image_mask.reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(plan.image_patch_index.long().sort().values, masked)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def _models(cfg_kw, backend, emulated_backend, monkeypatch):
+    torch.manual_seed(0)
+    c = M3AEConfig.from_preset("tiny", packed=False, kernels="torch", attention="math", **cfg_kw)
+    ref = M3AE(c)
+    model = copy.deepcopy(ref)
+    model.config = _with(c, kernels=backend)
+    if backend == "cuda":
+        monkeypatch.setitem(ops._INSTANCES, "cuda", emulated_backend)
+    return ref, model
+
+
+def _with(c, **kw):
+    out = copy.deepcopy(c)
+    for k, v in kw.items():
+        setattr(out, k, v)
+    return out
+
+
+def _check(ref, model, image, text, pad, b, seed=2):
+    """Engine loss/accuracy/gradients (model, padded, then packed on the same masks) == official formula
+    (ref, a kernels='torch' copy)."""
+    c = ref.config
+    gen = torch.Generator().manual_seed(seed)
+    plan = ref.make_plan(b, image is not None, pad, generator=gen)
+    want_img, want_txt, want_acc = official_losses(ref, image, text, pad, plan)
+    want = sum(w * l for w, l in ((c.image_loss_weight, want_img), (c.text_loss_weight, want_txt)) if l is not None)
+    want.backward()
+    with _no_torch_fallback(model.config.kernels):
+        return _check_model(ref, model, image, text, pad, plan, want_img, want_txt, want_acc)
+
+
+@contextlib.contextmanager
+def _no_torch_fallback(backend):
+    """On the triton / cuda runs, any call into the torch backend's ops fails the test."""
+    if backend == "torch":
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("gather", "unshuffle", "masked_mse", "linear_cross_entropy"):
+            def fail(*a, _name=name, **k):
+                raise AssertionError(f"the torch backend's {_name} ran on the {backend} path")
+            mp.setattr(ops.TorchBackend, name, staticmethod(fail))
+        yield
+
+
+def _check_model(ref, model, image, text, pad, plan, want_img, want_txt, want_acc):
+    out = model(image, text, pad, plan=plan)
+    if want_img is not None:
+        torch.testing.assert_close(out.image_loss, want_img, rtol=1e-5, atol=1e-6)
+    if want_txt is not None:
+        torch.testing.assert_close(out.text_loss, want_txt, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.text_accuracy, want_acc.float(), rtol=1e-6, atol=1e-6)
+    out.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        g_ref = ref_params[n].grad
+        if g_ref is None:
+            assert p.grad is None or not p.grad.any(), n
+            continue
+        torch.testing.assert_close(p.grad, g_ref, rtol=1e-4, atol=1e-6, msg=lambda s: f"grad {n}: {s}")
+    model.config.packed = True
+    packed = model(image, text, pad, **same_masks(plan))
+    torch.testing.assert_close(packed.loss, out.loss, rtol=1e-5, atol=1e-6)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_paired_all_token_losses_match_official(backend, emulated, monkeypatch):  # noqa: F811
+    ref, model = _models(dict(image_all_token_loss=True, text_all_token_loss=True), backend, emulated, monkeypatch)
+    image, text, pad = batch(ref.config, 3, torch.Generator().manual_seed(1))
+    out = _check(ref, model, image, text, pad, 3)
+    assert out.image_prediction.shape == (3, ref.config.num_patches, ref.config.patch_dim)
+    assert torch.equal(out.image_masked_positions, torch.arange(ref.config.num_patches).expand(3, -1))
+
+
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (False, False)])
+def test_each_flag_alone_matches_official(flags, emulated, monkeypatch):  # noqa: F811
+    ref, model = _models(dict(image_all_token_loss=flags[0], text_all_token_loss=flags[1]), "torch", emulated,
+                         monkeypatch)
+    image, text, pad = batch(ref.config, 3, torch.Generator().manual_seed(4))
+    _check(ref, model, image, text, pad, 3, seed=5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_mae_image_only_all_token_loss_matches_official(backend, emulated, monkeypatch):  # noqa: F811
+    """mae_main.py: patch_mse_loss(output, patches, None if image_all_token_loss else mask); with MAE's
+    norm_pix_loss target."""
+    ref, model = _models(dict(image_all_token_loss=True, norm_pix_loss=True), backend, emulated, monkeypatch)
+    image, _, _ = batch(ref.config, 2, torch.Generator().manual_seed(6), with_text=False)
+    out = _check(ref, model, image, None, None, 2)
+    assert out.text_loss is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_text_only_all_token_loss_matches_official(backend, emulated, monkeypatch):  # noqa: F811
+    """The unpaired text forward uses the same flag (m3ae_main.py)."""
+    ref, model = _models(dict(text_all_token_loss=True), backend, emulated, monkeypatch)
+    _, text, pad = batch(ref.config, 3, torch.Generator().manual_seed(7), with_image=False)
+    _check(ref, model, None, text, pad, 3)
+
+
+def test_all_token_loss_differs_from_masked_loss():
+    """The flags change the loss (guards against a plan that ignores them)."""
+    torch.manual_seed(0)
+    c = M3AEConfig.from_preset("tiny", kernels="torch")
+    m = M3AE(c)
+    image, text, pad = batch(c, 3, torch.Generator().manual_seed(1))
+    masked = m(image, text, pad, generator=torch.Generator().manual_seed(3))
+    m.config = _with(c, image_all_token_loss=True, text_all_token_loss=True)
+    every = m(image, text, pad, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(masked.image_loss, every.image_loss)
+    assert not torch.allclose(masked.text_loss, every.text_loss)
+    assert int((every.text_row_weight > 0).sum()) == int((1 - pad).sum())
