@@ -4,8 +4,14 @@ m3ae/model.py: MLP (the output heads), patch_mse_loss, cross_entropy_loss_and_ac
 m3ae/m3ae_main.py and mae_main.py: which positions they get (image_all_token_loss passes no mask,
 text_all_token_loss uses every token, both intersected with "not padding" for text).
 """
+import contextlib
+import copy
+
+import pytest
 import torch
 import torch.nn.functional as F
+
+from m3ae_engine import M3AE, M3AEConfig, ops
 
 from m3ae_engine.heads import official_head_keys
 from m3ae_engine.reference import normalize_image, patchify
@@ -125,4 +131,73 @@ def same_masks(plan):
         out["image_noise"] = plan.image_ids_restore.float()
     if plan.text_ids_restore is not None:
         out["text_noise"] = plan.text_ids_restore.float()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- harness
+def engine_and_reference(cfg_kw, backend, emulated_backend, monkeypatch):
+    """(ref, model): the tiny model with `cfg_kw` on kernels='torch' (padded layout), and a copy on
+    `backend` (for 'cuda', the emulated backend is installed through monkeypatch)."""
+    torch.manual_seed(0)
+    c = M3AEConfig.from_preset("tiny", packed=False, kernels="torch", attention="math", **cfg_kw)
+    ref = M3AE(c)
+    model = copy.deepcopy(ref)
+    model.config = with_fields(c, kernels=backend)
+    if backend == "cuda":
+        monkeypatch.setitem(ops._INSTANCES, "cuda", emulated_backend)
+    return ref, model
+
+
+def with_fields(c, **kw):
+    out = copy.deepcopy(c)
+    for k, v in kw.items():
+        setattr(out, k, v)
+    return out
+
+
+def check_against_official(ref, model, image, text, pad, b, seed=2):
+    """Engine loss/accuracy/gradients (model, padded, then packed on the same masks) == official formula
+    (ref, a kernels='torch' copy)."""
+    c = ref.config
+    gen = torch.Generator().manual_seed(seed)
+    plan = ref.make_plan(b, image is not None, pad, generator=gen)
+    want_img, want_txt, want_acc = official_losses(ref, image, text, pad, plan)
+    want = sum(w * l for w, l in ((c.image_loss_weight, want_img), (c.text_loss_weight, want_txt)) if l is not None)
+    want.backward()
+    with _no_torch_fallback(model.config.kernels):
+        return _check_model(ref, model, image, text, pad, plan, want_img, want_txt, want_acc)
+
+
+@contextlib.contextmanager
+def _no_torch_fallback(backend):
+    """On the triton / cuda runs, any call into the torch backend's ops fails the test."""
+    if backend == "torch":
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("gather", "unshuffle", "masked_mse", "linear_cross_entropy"):
+            def fail(*a, _name=name, **k):
+                raise AssertionError(f"the torch backend's {_name} ran on the {backend} path")
+            mp.setattr(ops.TorchBackend, name, staticmethod(fail))
+        yield
+
+
+def _check_model(ref, model, image, text, pad, plan, want_img, want_txt, want_acc):
+    out = model(image, text, pad, plan=plan)
+    if want_img is not None:
+        torch.testing.assert_close(out.image_loss, want_img, rtol=1e-5, atol=1e-6)
+    if want_txt is not None:
+        torch.testing.assert_close(out.text_loss, want_txt, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.text_accuracy, want_acc.float(), rtol=1e-6, atol=1e-6)
+    out.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        g_ref = ref_params[n].grad
+        if g_ref is None:
+            assert p.grad is None or not p.grad.any(), n
+            continue
+        torch.testing.assert_close(p.grad, g_ref, rtol=1e-4, atol=1e-6, msg=lambda s: f"grad {n}: {s}")
+    model.config.packed = True
+    packed = model(image, text, pad, **same_masks(plan))
+    torch.testing.assert_close(packed.loss, out.loss, rtol=1e-5, atol=1e-6)
     return out

@@ -5,16 +5,13 @@ The official losses (official_m3ae.py, transcribed) run on the engine model's pa
 the heads applied to ALL positions; the engine computes the heads only on the plan's loss rows.
 The CUDA backend runs its Python wrappers over the CPU emulation of `_C` (test_cuda_wrappers_emulated).
 """
-import contextlib
-import copy
-
 import pytest
 import torch
 
-from official_m3ae import batch, official_losses, same_masks
+from official_m3ae import batch, check_against_official, engine_and_reference, with_fields
 from test_cuda_wrappers_emulated import emulated  # noqa: F401  (fixture)
 
-from m3ae_engine import M3AE, M3AEConfig, ops
+from m3ae_engine import M3AE, M3AEConfig
 from m3ae_engine.masking import build_plan
 
 
@@ -55,105 +52,39 @@ def test_plan_default_rows_are_the_masked_ones():
 
 
 # ---------------------------------------------------------------------------------------------- model
-def _models(cfg_kw, backend, emulated_backend, monkeypatch):
-    torch.manual_seed(0)
-    c = M3AEConfig.from_preset("tiny", packed=False, kernels="torch", attention="math", **cfg_kw)
-    ref = M3AE(c)
-    model = copy.deepcopy(ref)
-    model.config = _with(c, kernels=backend)
-    if backend == "cuda":
-        monkeypatch.setitem(ops._INSTANCES, "cuda", emulated_backend)
-    return ref, model
-
-
-def _with(c, **kw):
-    out = copy.deepcopy(c)
-    for k, v in kw.items():
-        setattr(out, k, v)
-    return out
-
-
-def _check(ref, model, image, text, pad, b, seed=2):
-    """Engine loss/accuracy/gradients (model, padded, then packed on the same masks) == official formula
-    (ref, a kernels='torch' copy)."""
-    c = ref.config
-    gen = torch.Generator().manual_seed(seed)
-    plan = ref.make_plan(b, image is not None, pad, generator=gen)
-    want_img, want_txt, want_acc = official_losses(ref, image, text, pad, plan)
-    want = sum(w * l for w, l in ((c.image_loss_weight, want_img), (c.text_loss_weight, want_txt)) if l is not None)
-    want.backward()
-    with _no_torch_fallback(model.config.kernels):
-        return _check_model(ref, model, image, text, pad, plan, want_img, want_txt, want_acc)
-
-
-@contextlib.contextmanager
-def _no_torch_fallback(backend):
-    """On the triton / cuda runs, any call into the torch backend's ops fails the test."""
-    if backend == "torch":
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("gather", "unshuffle", "masked_mse", "linear_cross_entropy"):
-            def fail(*a, _name=name, **k):
-                raise AssertionError(f"the torch backend's {_name} ran on the {backend} path")
-            mp.setattr(ops.TorchBackend, name, staticmethod(fail))
-        yield
-
-
-def _check_model(ref, model, image, text, pad, plan, want_img, want_txt, want_acc):
-    out = model(image, text, pad, plan=plan)
-    if want_img is not None:
-        torch.testing.assert_close(out.image_loss, want_img, rtol=1e-5, atol=1e-6)
-    if want_txt is not None:
-        torch.testing.assert_close(out.text_loss, want_txt, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.text_accuracy, want_acc.float(), rtol=1e-6, atol=1e-6)
-    out.loss.backward()
-    ref_params = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        g_ref = ref_params[n].grad
-        if g_ref is None:
-            assert p.grad is None or not p.grad.any(), n
-            continue
-        torch.testing.assert_close(p.grad, g_ref, rtol=1e-4, atol=1e-6, msg=lambda s: f"grad {n}: {s}")
-    model.config.packed = True
-    packed = model(image, text, pad, **same_masks(plan))
-    torch.testing.assert_close(packed.loss, out.loss, rtol=1e-5, atol=1e-6)
-    return out
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_paired_all_token_losses_match_official(backend, emulated, monkeypatch):  # noqa: F811
-    ref, model = _models(dict(image_all_token_loss=True, text_all_token_loss=True), backend, emulated, monkeypatch)
+    ref, model = engine_and_reference(dict(image_all_token_loss=True, text_all_token_loss=True), backend, emulated, monkeypatch)
     image, text, pad = batch(ref.config, 3, torch.Generator().manual_seed(1))
-    out = _check(ref, model, image, text, pad, 3)
+    out = check_against_official(ref, model, image, text, pad, 3)
     assert out.image_prediction.shape == (3, ref.config.num_patches, ref.config.patch_dim)
     assert torch.equal(out.image_masked_positions, torch.arange(ref.config.num_patches).expand(3, -1))
 
 
 @pytest.mark.parametrize("flags", [(True, False), (False, True), (False, False)])
 def test_each_flag_alone_matches_official(flags, emulated, monkeypatch):  # noqa: F811
-    ref, model = _models(dict(image_all_token_loss=flags[0], text_all_token_loss=flags[1]), "torch", emulated,
+    ref, model = engine_and_reference(dict(image_all_token_loss=flags[0], text_all_token_loss=flags[1]), "torch", emulated,
                          monkeypatch)
     image, text, pad = batch(ref.config, 3, torch.Generator().manual_seed(4))
-    _check(ref, model, image, text, pad, 3, seed=5)
+    check_against_official(ref, model, image, text, pad, 3, seed=5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_mae_image_only_all_token_loss_matches_official(backend, emulated, monkeypatch):  # noqa: F811
     """mae_main.py: patch_mse_loss(output, patches, None if image_all_token_loss else mask); with MAE's
     norm_pix_loss target."""
-    ref, model = _models(dict(image_all_token_loss=True, norm_pix_loss=True), backend, emulated, monkeypatch)
+    ref, model = engine_and_reference(dict(image_all_token_loss=True, norm_pix_loss=True), backend, emulated, monkeypatch)
     image, _, _ = batch(ref.config, 2, torch.Generator().manual_seed(6), with_text=False)
-    out = _check(ref, model, image, None, None, 2)
+    out = check_against_official(ref, model, image, None, None, 2)
     assert out.text_loss is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_text_only_all_token_loss_matches_official(backend, emulated, monkeypatch):  # noqa: F811
     """The unpaired text forward uses the same flag (m3ae_main.py)."""
-    ref, model = _models(dict(text_all_token_loss=True), backend, emulated, monkeypatch)
+    ref, model = engine_and_reference(dict(text_all_token_loss=True), backend, emulated, monkeypatch)
     _, text, pad = batch(ref.config, 3, torch.Generator().manual_seed(7), with_image=False)
-    _check(ref, model, None, text, pad, 3)
+    check_against_official(ref, model, None, text, pad, 3)
 
 
 def test_all_token_loss_differs_from_masked_loss():
@@ -163,7 +94,7 @@ def test_all_token_loss_differs_from_masked_loss():
     m = M3AE(c)
     image, text, pad = batch(c, 3, torch.Generator().manual_seed(1))
     masked = m(image, text, pad, generator=torch.Generator().manual_seed(3))
-    m.config = _with(c, image_all_token_loss=True, text_all_token_loss=True)
+    m.config = with_fields(c, image_all_token_loss=True, text_all_token_loss=True)
     every = m(image, text, pad, generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(masked.image_loss, every.image_loss)
     assert not torch.allclose(masked.text_loss, every.text_loss)
