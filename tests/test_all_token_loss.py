@@ -99,3 +99,17 @@ def test_all_token_loss_differs_from_masked_loss():
     assert not torch.allclose(masked.image_loss, every.image_loss)
     assert not torch.allclose(masked.text_loss, every.text_loss)
     assert int((every.text_row_weight > 0).sum()) == int((1 - pad).sum())
+
+
+def test_flops_count_the_all_token_head_rows():
+    from m3ae_engine.flops import m3ae_flops
+    c = M3AEConfig.from_preset("tiny")
+    lengths = torch.tensor([5.0, 32.0])
+    base = m3ae_flops(c, lengths, kept_text=torch.tensor([2.0, 8.0]), training=False, breakdown=True)
+    every = m3ae_flops(with_fields(c, image_all_token_loss=True, text_all_token_loss=True), lengths,
+                       kept_text=torch.tensor([2.0, 8.0]), training=False, breakdown=True)
+    dd, p, v = c.dec_emb_dim, c.patch_dim, c.vocab_size
+    assert base["pixel_head"] == 2.0 * (c.num_patches - c.image_keep) * dd * p
+    assert every["pixel_head"] == 2.0 * c.num_patches * dd * p
+    assert base["text_head"] == 2.0 * float((lengths - torch.tensor([2.0, 8.0])).mean()) * dd * v
+    assert every["text_head"] == 2.0 * float(lengths.mean()) * dd * v  # every non-padded token

@@ -115,3 +115,16 @@ def test_text_only_parameters_include_the_mlp_text_head():
     ids = {id(p) for p in m.text_parameters()}
     assert all(id(p) in ids for p in m.decoder_text_output.parameters())
     assert not any(id(p) in ids for p in m.decoder_image_output.parameters())
+
+
+def test_flops_count_the_mlp_head_layers():
+    from m3ae_engine.flops import m3ae_flops
+    c0 = M3AEConfig.from_preset("tiny")
+    c2 = M3AEConfig.from_preset("tiny", output_head_depth=2)
+    lengths, kept = torch.tensor([5.0, 32.0]), torch.tensor([2.0, 8.0])
+    f0 = m3ae_flops(c0, lengths, kept_text=kept, training=False, breakdown=True)
+    f2 = m3ae_flops(c2, lengths, kept_text=kept, training=False, breakdown=True)
+    dd = c0.dec_emb_dim
+    masked_patches = c0.num_patches - c0.image_keep
+    assert f2["pixel_head"] - f0["pixel_head"] == masked_patches * 2 * 2 * dd * dd
+    assert f2["text_head"] - f0["text_head"] == float((lengths - kept).mean()) * 2 * 2 * dd * dd
