@@ -191,7 +191,7 @@ def masked_mse(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor
     """
     target = patchify(normalize_image(imgs, mean, std), patch_size)  # [B, L, P]
     target = target.reshape(-1, target.shape[-1])[patch_index.long()]  # [M, P]
-    if norm_pix_loss:
+    if norm_pix_loss and target.shape[0]:  # (no rows: nothing to normalise)
         mu = target.mean(-1, keepdim=True)
         var = target.var(-1, keepdim=True)
         target = (target - mu) / (var + 1.0e-6) ** 0.5

@@ -1,46 +1,20 @@
 """output_head_depth: the official MLP output heads (young-geng/m3ae_public m3ae/model.py, class MLP).
 
-The official head, transcribed from flax to torch below (`official_mlp`), on a params dict laid out as
-the flax tree (`LayerNorm_0/scale`, `Dense_i/kernel` [in, out], ...), so the test also pins the
-state-dict <-> flax-path table (`heads.official_head_keys`) the converter uses.
+The official head is transcribed from flax to torch in official_m3ae.py (`official_mlp`) and runs on a
+params dict laid out as the flax tree (`LayerNorm_0/scale`, `Dense_i/kernel` [in, out], ...), so the
+tests also pin the state-dict <-> flax-path table (`heads.official_head_keys`) the converter uses.
 """
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from official_m3ae import batch, flax_params, official_losses, official_mlp, same_masks
+
 from m3ae_engine import M3AE, M3AEConfig
 from m3ae_engine.heads import OutputHead, official_head_keys
-
-
-def official_mlp(x, params, depth):
-    """flax MLP(hidden_dim=Dd, output_dim, depth, input_norm=depth > 0): nn.LayerNorm() is eps 1e-6,
-    nn.gelu is the tanh approximation, the residual starts at the second layer."""
-    def layer_norm(v, name):
-        return F.layer_norm(v, (v.shape[-1],), params[f"{name}/scale"], params[f"{name}/bias"], 1e-6)
-
-    def dense(v, name):
-        return v @ params[f"{name}/kernel"] + params[f"{name}/bias"]
-
-    if depth > 0:
-        x = layer_norm(x, "LayerNorm_0")
-    for i in range(depth):
-        y = dense(x, f"Dense_{i}")
-        y = F.gelu(y, approximate="tanh")
-        y = layer_norm(y, f"LayerNorm_{i + 1}")
-        x = x + y if i > 0 else y
-    return dense(x, f"Dense_{depth}")
-
-
-def flax_params(head: OutputHead, prefix: str = "head"):
-    """The head's parameters as the official flax tree would hold them (kernels [in, out])."""
-    sd = dict(head.named_parameters())  # not state_dict(): that one is detached
-    out = {}
-    for key, path, transpose in official_head_keys(prefix, head.depth):
-        t = sd[key[len(prefix) + 1:]]
-        out[path[len(prefix) + 1:]] = t.t() if transpose else t
-    return out
 
 
 def _randomise(module, gen):
@@ -104,26 +78,6 @@ def test_head_initialisation_is_official():
     assert m.decoder_text_output.input_norm.eps == m.config.layer_norm_eps == 1e-6
 
 
-def _official_losses(model, image, text, pad, plan):
-    """Official m3ae_main loss: heads on ALL decoder positions (padded layout), then patch_mse_loss and
-    cross_entropy_loss_and_accuracy with the masks; the heads through `official_mlp`."""
-    c = model.config
-    b, li = image.shape[0], c.num_patches
-    d = model.decode(model.encode(image, text, plan), plan).view(b, 1 + li + c.text_length, -1)
-    depth = c.output_head_depth
-    img_out = official_mlp(d[:, 1:1 + li], flax_params(model.decoder_image_output), depth)  # [B, Li, P]
-    txt_out = official_mlp(d[:, 1 + li:], flax_params(model.decoder_text_output), depth)  # [B, Lt, V]
-    from m3ae_engine.reference import normalize_image, patchify
-    target = patchify(normalize_image(image, c.image_mean, c.image_std), c.patch_size)
-    valid = plan.image_mask
-    ratio = valid.sum(-1) / valid.shape[-1]
-    image_loss = (torch.where(valid > 0, ((target - img_out) ** 2).mean(-1), 0.0).mean(-1) / ratio).mean()
-    tvalid = plan.text_mask * (1 - pad)
-    logp = torch.log_softmax(txt_out, -1).gather(-1, text[..., None]).squeeze(-1)
-    text_loss = -(torch.where(tvalid > 0, logp, 0.0).sum(-1) / tvalid.sum(-1).clamp_min(1e-5)).mean()
-    return image_loss, text_loss
-
-
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_model_with_mlp_heads_matches_official_loss(kernels):
     torch.manual_seed(0)
@@ -133,17 +87,13 @@ def test_model_with_mlp_heads_matches_official_loss(kernels):
         _randomise(m, torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(1)
     b = 3
-    image = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    lengths = torch.tensor([1, 32, 9])
-    pad = (torch.arange(32)[None] >= lengths[:, None]).float()
-    text = torch.randint(1, c.vocab_size, (b, 32), generator=gen) * (1 - pad).long()
+    image, text, pad = batch(c, b, gen)
     plan = ref.make_plan(b, True, pad, generator=torch.Generator().manual_seed(2))
-    want_img, want_txt = _official_losses(ref, image, text, pad, plan)
+    want_img, want_txt, _ = official_losses(ref, image, text, pad, plan)
     (want_img + 0.5 * want_txt).backward()
     want_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if "_output" in n}
     ref.zero_grad()
 
-    import copy
     model = copy.deepcopy(ref)
     model.config = copy.deepcopy(c)
     model.config.kernels = kernels
@@ -156,8 +106,7 @@ def test_model_with_mlp_heads_matches_official_loss(kernels):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=lambda s: f"{n}: {s}")
     # the packed layout gives the same losses on the same masks
     model.config.packed = True
-    noise = dict(image_noise=plan.image_ids_restore.float(), text_noise=plan.text_ids_restore.float())
-    packed = model(image, text, pad, **noise)
+    packed = model(image, text, pad, **same_masks(plan))
     torch.testing.assert_close(packed.loss, out.loss, rtol=1e-5, atol=1e-6)
 
 
@@ -166,3 +115,16 @@ def test_text_only_parameters_include_the_mlp_text_head():
     ids = {id(p) for p in m.text_parameters()}
     assert all(id(p) in ids for p in m.decoder_text_output.parameters())
     assert not any(id(p) in ids for p in m.decoder_image_output.parameters())
+
+
+def test_flops_count_the_mlp_head_layers():
+    from m3ae_engine.flops import m3ae_flops
+    c0 = M3AEConfig.from_preset("tiny")
+    c2 = M3AEConfig.from_preset("tiny", output_head_depth=2)
+    lengths, kept = torch.tensor([5.0, 32.0]), torch.tensor([2.0, 8.0])
+    f0 = m3ae_flops(c0, lengths, kept_text=kept, training=False, breakdown=True)
+    f2 = m3ae_flops(c2, lengths, kept_text=kept, training=False, breakdown=True)
+    dd = c0.dec_emb_dim
+    masked_patches = c0.num_patches - c0.image_keep
+    assert f2["pixel_head"] - f0["pixel_head"] == masked_patches * 2 * 2 * dd * dd
+    assert f2["text_head"] - f0["text_head"] == float((lengths - kept).mean()) * 2 * 2 * dd * dd
