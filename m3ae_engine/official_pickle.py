@@ -155,7 +155,7 @@ def safe_load(path) -> object:
         try:
             return SafeUnpickler(f).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError,
-                KeyError, MemoryError, RecursionError, UnicodeDecodeError) as e:
+                KeyError, MemoryError, OverflowError, RecursionError, UnicodeDecodeError) as e:
             raise OfficialCheckpointError(f"{path} is not a readable pickle: {type(e).__name__}: {e}") from e
 
 
