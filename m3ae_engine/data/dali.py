@@ -8,14 +8,22 @@ every rank reads a different part (`stick_to_shard=False`), so ranks read disjoi
 epoch and cover the set together. Shuffling is DALI's: a buffer of `shuffle_buffer` samples
 (`initial_fill`) seeded by `seed` (+ rank).
 
-DALI cannot skip a corrupt image mid-batch (the pipeline raises): validate shards offline first
-(`python -m m3ae_engine.data.shards validate`).
+Corrupt images: a truncated JPEG, which libjpeg-turbo half-decodes without an error (grey rows), is
+caught by the loaders' shared rule (transforms.jpeg_complete, checked on the encoded bytes the pipeline
+also returns) and treated as the other loaders do: skipped (its slot takes another sample of the batch,
+image and caption), counted (`corrupt_count`, `corrupt_samples`) and named in a warning. A JPEG DALI
+cannot decode at all stops the pipeline (DALI has no skip): that ends in a one-line DataError naming
+the shard and sample when DALI says which, with the `validate --fix` hint. Validate shards offline first
+(`python -m m3ae_engine.data.shards validate`). `auto` picks DALI on a CPU too: it measured fastest
+there (data/README.md).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import warnings
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
@@ -25,7 +33,10 @@ from ..config import CC12M_MEAN, CC12M_STD
 from .sources import (IMAGE_EXTS, DataError, build_table, decode_text, expand_sources, index_is_current,
                       index_path_for, load_index, write_index)
 from .order import check_resume, finite_length, resume_state
-from .transforms import RATIO, SCALE
+from .transforms import RATIO, SCALE, jpeg_complete
+
+MAX_WARNINGS = 20
+_FAILED_SAMPLE = re.compile(r"Failed to decode sample #\d+ : (\S+)")
 
 
 def dali_available() -> bool:
@@ -58,6 +69,18 @@ def ensure_indices(paths: List[str], index_dir: Optional[str] = None):
             write_index(ix, target)
         out.append(target)
     return out, indices
+
+
+def _name_from_source(info: str) -> str:
+    """DALI's "shard.tar:offset:member.jpg" -> "shard.tar:member" (the key form of the other loaders)."""
+    parts = info.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return f"{parts[0]}:{parts[2].split('.', 1)[0]}"
+    return info
+
+
+def _source_name(raw: np.ndarray) -> str:
+    return _name_from_source(raw.tobytes().decode("utf-8", errors="replace"))
 
 
 class DaliLoader:
@@ -98,6 +121,7 @@ class DaliLoader:
         self._pipe = None
         self._checkpoint: Optional[str] = None
         self.corrupt_count = 0
+        self.corrupt_samples: List[str] = []
 
     @property
     def threads(self) -> int:
@@ -144,9 +168,12 @@ class DaliLoader:
             else:
                 img = fn.crop_mirror_normalize(img, crop=[S, S], mirror=mirror, output_layout="CHW",
                                                dtype=types.UINT8)
+            # the encoded bytes and their "shard:offset:member" name come back too: the host checks each
+            # JPEG for truncation (jpeg_complete) and names a bad one
+            info = fn.get_property(jpegs, key="source_info")
             if self.modality == "paired":
-                return img, outs[1]
-            return img
+                return img, jpegs, info, outs[1]
+            return img, jpegs, info
 
         kw = {"checkpoint": self._checkpoint} if self._checkpoint else {}
         p = pipe(**kw)
@@ -179,16 +206,59 @@ class DaliLoader:
             self._pipe = self._build()
         end = self._end_step()
         while end is None or self.step < end:
-            outs = self._pipe.run()
+            try:
+                outs = self._pipe.run()
+            except RuntimeError as e:  # DALI cannot skip: one line naming the sample when DALI says which
+                raise DataError(self._decode_error(e)) from None
             img = self._to_torch(outs[0])
-            batch = {"image": img, "decoder": self.decoder}
+            keys = [_source_name(np.array(outs[2][i])) for i in range(len(outs[2]))]
+            donors = self._skip_truncated(outs[1], keys)
+            batch = {"image": img, "decoder": self.decoder, "key": keys}
+            if donors is not None:  # truncated slots take a donor's image, caption and key
+                batch["image"] = img[torch.tensor(donors, device=img.device)]
+                batch["key"] = [keys[d] for d in donors]
             if self.modality == "paired":
-                tl = outs[1]
+                tl = outs[3]
                 caps = [decode_text(bytes(np.array(tl[i]))) for i in range(len(tl))]
+                if donors is not None:
+                    caps = [caps[d] for d in donors]
                 batch["text"], batch["text_padding_mask"] = self.tokenizer.encode_batch(caps)
                 batch["caption"] = caps
             self.step += 1
             yield batch
+
+    def _skip_truncated(self, encoded, keys) -> Optional[List[int]]:
+        """The donor of each slot when some JPEG of the batch is truncated (the Pillow and nvJPEG loaders'
+        policy: counted, named, replaced by another sample of the batch), None when all are whole."""
+        bad = [i for i in range(len(encoded)) if not jpeg_complete(np.array(encoded[i]).tobytes())]
+        if not bad:
+            return None
+        good = [i for i in range(len(encoded)) if i not in bad]
+        if not good:
+            raise DataError(f"no decodable image in a whole batch (first keys {keys[:3]}): the shards need "
+                            f"`python -m m3ae_engine.data.shards validate --fix`")
+        donors = list(range(len(encoded)))
+        for n, i in enumerate(bad):
+            donors[i] = good[n % len(good)]
+            self.corrupt_count += 1
+            if len(self.corrupt_samples) < 1000:
+                self.corrupt_samples.append(keys[i])
+            if self.corrupt_count <= MAX_WARNINGS:
+                warnings.warn(f"skipping corrupt image {keys[i]}: truncated JPEG (no end-of-image marker) "
+                              f"(validate the shards: python -m m3ae_engine.data.shards validate)",
+                              RuntimeWarning, stacklevel=3)
+        return donors
+
+    def _decode_error(self, e: Exception) -> str:
+        m = _FAILED_SAMPLE.search(str(e))
+        where = f"in {_name_from_source(m.group(1))}" if m else f"in one of the shards {self.paths[:3]}" + \
+            ("..." if len(self.paths) > 3 else "") + " (DALI does not say which sample)"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "Critical error" not in ln
+                 and "pipeline object" not in ln]
+        detail = lines[-1] if lines else type(e).__name__
+        return (f"DALI could not decode an image {where} ({detail}); DALI cannot skip it: clean the shards with "
+                f"`python -m m3ae_engine.data.shards validate SHARDS --fix OUT` (the Pillow loader, "
+                f"build_loader(decoder='cpu'), skips and counts such images)")
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
