@@ -127,14 +127,19 @@ def _inject_steps():
 
 
 def _crash_hook():
-    """Test hook: M3AE_CRASH_IN_CHECKPOINT_STEP=N kills the process in the middle of writing step N."""
+    """Test hooks, run in the middle of a checkpoint write: M3AE_CRASH_IN_CHECKPOINT_STEP=N kills the
+    process while it writes step N; M3AE_SIGNAL_IN_CHECKPOINT=SIGNUM sends it that signal (a second
+    Ctrl-C / SIGTERM arriving during the save)."""
     at = os.environ.get("M3AE_CRASH_IN_CHECKPOINT_STEP")
-    if not at:
+    sig = os.environ.get("M3AE_SIGNAL_IN_CHECKPOINT")
+    if not at and not sig:
         return None
 
     def hook(tmp_dir):
-        if tmp_dir.name.endswith(step_dir_name(int(at))):
+        if at and tmp_dir.name.endswith(step_dir_name(int(at))):
             os._exit(17)
+        if sig:
+            os.kill(os.getpid(), int(sig))
     return hook
 
 
