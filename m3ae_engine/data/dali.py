@@ -31,7 +31,8 @@ import torch
 
 from ..config import CC12M_MEAN, CC12M_STD
 from .sources import (IMAGE_EXTS, DataError, build_table, decode_text, expand_sources, index_is_current,
-                      index_path_for, load_index, write_index)
+                      index_path_for, load_index, split_name, write_index)
+from .text_drop import TextDrop, tokenise_with_drop
 from .order import check_resume, finite_length, resume_state
 from .transforms import RATIO, SCALE, jpeg_complete
 
@@ -71,18 +72,6 @@ def ensure_indices(paths: List[str], index_dir: Optional[str] = None):
     return out, indices
 
 
-def _name_from_source(info: str) -> str:
-    """DALI's "shard.tar:offset:member.jpg" -> "shard.tar:member" (the key form of the other loaders)."""
-    parts = info.rsplit(":", 2)
-    if len(parts) == 3 and parts[1].isdigit():
-        return f"{parts[0]}:{parts[2].split('.', 1)[0]}"
-    return info
-
-
-def _source_name(raw: np.ndarray) -> str:
-    return _name_from_source(raw.tobytes().decode("utf-8", errors="replace"))
-
-
 class DaliLoader:
     decoder = "dali"
 
@@ -92,7 +81,7 @@ class DaliLoader:
                  random_crop: bool = True, flip: bool = True, scale=SCALE, ratio=RATIO,
                  modality: str = "paired", tokenizer=None, num_threads: int = 4,
                  shuffle_buffer: int = 4096, prefetch: int = 2, index_dir: Optional[str] = None,
-                 hw_decoder_load: float = 0.65):
+                 hw_decoder_load: float = 0.65, paired_fraction: float = 1.0, random_drop_text: float = 0.0):
         from ..tokenizer import default_tokenizer
         if not dali_available():
             raise RuntimeError("DALI is not installed: pip install nvidia-dali-cuda130 (or -cuda120)")
@@ -107,6 +96,12 @@ class DaliLoader:
         self.index_paths, indices = ensure_indices(self.paths, index_dir)
         table = build_table(self.paths, need_image=True, need_text=(modality == "paired"), indices=indices)
         self.num_samples = len(table)
+        # partial pairing (official deterministic_drop_text / random_drop_text) by the sample's table index:
+        # DALI names each caption it reads ("shard.tar:offset:member"), which maps back to that index
+        self.text_drop = TextDrop(paired_fraction, random_drop_text, seed)
+        if self.text_drop.active and modality != "paired":
+            raise ValueError("paired_fraction / random_drop_text drop captions: they need modality='paired'")
+        self._index_of = ({table.key(i): i for i in range(len(table))} if self.text_drop.active else None)
         self.batch_size, self.image_size, self.text_length = batch_size, image_size, text_length
         self.rank, self.world_size, self.seed, self.shuffle, self.epochs = rank, world_size, seed, shuffle, epochs
         self.normalize, self.random_crop, self.flip = normalize, random_crop, flip
@@ -169,7 +164,7 @@ class DaliLoader:
                 img = fn.crop_mirror_normalize(img, crop=[S, S], mirror=mirror, output_layout="CHW",
                                                dtype=types.UINT8)
             # the encoded bytes and their "shard:offset:member" name come back too: the host checks each
-            # JPEG for truncation (jpeg_complete) and names a bad one
+            # JPEG for truncation (jpeg_complete), names a bad one, and finds a sample's table index by it
             info = fn.get_property(jpegs, key="source_info")
             if self.modality == "paired":
                 return img, jpegs, info, outs[1]
@@ -211,7 +206,8 @@ class DaliLoader:
             except RuntimeError as e:  # DALI cannot skip: one line naming the sample when DALI says which
                 raise DataError(self._decode_error(e)) from None
             img = self._to_torch(outs[0])
-            keys = [_source_name(np.array(outs[2][i])) for i in range(len(outs[2]))]
+            keys = [self._sample_key(np.array(outs[2][i]).tobytes().decode("utf-8", errors="replace"))
+                    for i in range(len(outs[2]))]
             donors = self._skip_truncated(outs[1], keys)
             batch = {"image": img, "decoder": self.decoder, "key": keys}
             if donors is not None:  # truncated slots take a donor's image, caption and key
@@ -222,8 +218,12 @@ class DaliLoader:
                 caps = [decode_text(bytes(np.array(tl[i]))) for i in range(len(tl))]
                 if donors is not None:
                     caps = [caps[d] for d in donors]
-                batch["text"], batch["text_padding_mask"] = self.tokenizer.encode_batch(caps)
-                batch["caption"] = caps
+                dropped = [False] * len(caps)
+                if self.text_drop.active:
+                    indices = [self._index_of[k] for k in batch["key"]]
+                    dropped = self.text_drop.flags(indices, [self.epoch] * len(indices))
+                batch["text"], batch["text_padding_mask"], batch["caption"] = tokenise_with_drop(
+                    self.tokenizer, caps, dropped)
             self.step += 1
             yield batch
 
@@ -251,7 +251,7 @@ class DaliLoader:
 
     def _decode_error(self, e: Exception) -> str:
         m = _FAILED_SAMPLE.search(str(e))
-        where = f"in {_name_from_source(m.group(1))}" if m else f"in one of the shards {self.paths[:3]}" + \
+        where = f"in {self._sample_key(m.group(1))}" if m else f"in one of the shards {self.paths[:3]}" + \
             ("..." if len(self.paths) > 3 else "") + " (DALI does not say which sample)"
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "Critical error" not in ln
                  and "pipeline object" not in ln]
@@ -259,6 +259,14 @@ class DaliLoader:
         return (f"DALI could not decode an image {where} ({detail}); DALI cannot skip it: clean the shards with "
                 f"`python -m m3ae_engine.data.shards validate SHARDS --fix OUT` (the Pillow loader, "
                 f"build_loader(decoder='cpu'), skips and counts such images)")
+
+    @staticmethod
+    def _sample_key(source_info: str) -> str:
+        """DALI's "path:offset:dir/KEY.jpg" -> "path:dir/KEY", the table's key of the sample."""
+        parts = source_info.rsplit(":", 2)
+        if len(parts) != 3:
+            return source_info
+        return f"{parts[0]}:{split_name(parts[2])[0]}"
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
