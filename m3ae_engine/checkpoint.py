@@ -52,6 +52,13 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def _refusal(e: BaseException) -> str:
+    """What the weights-only unpickler refused (torch's own message goes on to suggest weights_only=False,
+    which is exactly what must not be done with a file from elsewhere)."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"it would call {m.group(1)}" if m else "an object the weights-only unpickler does not allow"
+
+
 def load_weights_only(path, map_location="cpu"):
     """torch.load restricted to tensors, numbers, strings and containers (weights_only=True): a pickle
     that would build any other object, and so could run code, is refused with a CheckpointError, as is
@@ -60,7 +67,7 @@ def load_weights_only(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data, "
-                              f"which could run code ({_first_line(e)})") from None
+                              f"which could run code ({_refusal(e)})") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file missing (incomplete checkpoint)") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
@@ -101,7 +108,7 @@ def deepspeed_loads_weights_only():
                 return real(f, *args, **kwargs)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{f}: refused to load: it holds objects outside the DeepSpeed allowlist, "
-                                  f"which could run code ({_first_line(e)})") from None
+                                  f"which could run code ({_refusal(e)})") from None
         except (RuntimeError, EOFError, ValueError) as e:
             raise CheckpointError(f"{f}: unreadable, truncated or corrupt ({_first_line(e)})") from None
 

@@ -103,9 +103,10 @@ def test_deepspeed_files_load_weights_only(tmp_path):
     with deepspeed_loads_weights_only():  # what DeepSpeed's load_checkpoint / zero_to_fp32 call
         with pytest.raises(CheckpointError, match="refused"):
             torch.load(ck / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
-    with pytest.raises(Exception):
-        consolidated_state_dict(ck)
-    assert torch.load is not None and not marker.exists()
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: refused .*posix.mkdir") as e:
+        consolidated_state_dict(ck)  # the export path through DeepSpeed's zero_to_fp32
+    one_line(e)
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------- 2
@@ -267,3 +268,25 @@ def test_shard_hygiene(tmp_path, capsys):
     p = _launch(tmp_path / "run", "--steps", "2", "--data", str(tmp_path / "{0..999999999}.tar"))
     log = p.communicate(timeout=120)[0]
     assert p.returncode == 1 and "over the limit" in log and "Traceback" not in log, log
+
+
+@pytest.mark.gpu
+def test_truncated_jpeg_on_the_gpu_loaders(tmp_path):
+    """The same rule on the GPU decoders (nvJPEG, DALI "mixed"), which half-decode a truncated JPEG."""
+    from m3ae_engine.data import nvjpeg_available
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    paths, _ = write_test_shards(str(tmp_path), num_shards=1, per_shard=8, grey=(), cmyk=())
+    trunc = tmp_path / "trunc.tar"
+    plant(paths[0], trunc, {"000000002.jpg": members(paths[0])["000000002.jpg"][:-30]})
+    decoders = [d for d, ok in (("nvjpeg", nvjpeg_available()), ("dali", dali_available())) if ok]
+    if not decoders:
+        pytest.skip("neither nvJPEG (torchvision) nor DALI available")
+    for decoder in decoders:
+        extra = {"max_corrupt_fraction": 1.0} if decoder == "nvjpeg" else {}
+        loader = build_loader(str(trunc), 8, 32, 16, decoder=decoder, device="cuda", epochs=1, shuffle=False,
+                              **extra)
+        with pytest.warns(RuntimeWarning, match="000000002"):
+            (batch,) = list(loader)
+        assert loader.corrupt_count == 1 and batch["image"].shape == (8, 3, 32, 32), decoder
+        assert not any(k.endswith(":000000002") for k in batch["key"]), decoder
