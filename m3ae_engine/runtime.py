@@ -157,10 +157,16 @@ class PlainRuntime:
                         "client_state": client_state}, path / "state.pt")
 
     def load(self, path: Path) -> dict:
-        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return state["client_state"]
+        from .checkpoint import CheckpointError, load_weights_only
+        file = path / "state.pt"
+        state = load_weights_only(file, map_location=self.device)  # refuses anything that could run code
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            return state["client_state"]
+        except (KeyError, TypeError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{file}: does not fit this model/optimizer ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
 
 def micro_per_rank(cfg, info: DistInfo) -> int:
@@ -277,10 +283,12 @@ class DeepSpeedRuntime:
         self.engine.save_checkpoint(str(path), tag="deepspeed", client_state=client_state, save_latest=False)
 
     def load(self, path: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
+        from .checkpoint import CheckpointError, deepspeed_loads_weights_only
+        with deepspeed_loads_weights_only():  # DeepSpeed's own torch.load calls: no code from the files
+            _, client_state = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                          load_lr_scheduler_states=False)
         if client_state is None:
-            raise RuntimeError(f"could not load the DeepSpeed checkpoint in {path}")
+            raise CheckpointError(f"could not load the DeepSpeed checkpoint in {path} (files missing)")
         return client_state
 
 

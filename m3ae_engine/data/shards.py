@@ -9,9 +9,10 @@
   index SHARDS...                       DALI wds2idx index (v1.2) next to each shard
   validate SHARDS... [--fix OUT] [--image-only]
       decode every image; one line per bad sample `SHARD<TAB>KEY<TAB>PROBLEM<TAB>detail` with PROBLEM
-      in corrupt | truncated | non-jpeg | missing-image | missing-caption | truncated-tar; exit 1
-      when any. --fix writes cleaned shards (bad samples dropped, decodable non-JPEGs re-encoded)
-      with their indices into OUT.
+      in corrupt | truncated | non-jpeg | missing-image | missing-caption | truncated-tar | empty |
+      unsafe-name (an absolute or `..` member name); exit 1 when any. --fix writes cleaned shards (bad
+      samples and unsafe members dropped, decodable non-JPEGs re-encoded; no file for a shard left
+      empty) with their indices into OUT.
   stats SHARDS... [--text-length L] [--json]
       sample / image / caption counts and the caption length distribution in tokens.
 SHARDS: paths, globs or brace patterns (data/{00000..00099}.tar).
@@ -32,7 +33,7 @@ import numpy as np
 
 from .sources import (IMAGE_EXTS, DataError, decode_text, expand_sources, index_path_for, iter_tar_samples,
                       scan_tar, write_index)
-from .transforms import decode_pil, is_jpeg
+from .transforms import decode_pil, is_jpeg, jpeg_complete
 
 PIL_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -181,6 +182,8 @@ def index_shards(paths: Iterable[str]) -> List[str]:
 def check_image(data: bytes) -> Optional[Tuple[str, str]]:
     """None when `data` is a decodable JPEG, else (problem, detail)."""
     from PIL import Image
+    if not jpeg_complete(data):  # the loaders' rule (transforms.jpeg_complete)
+        return "truncated", "JPEG without an end-of-image marker after the last scan"
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -197,9 +200,9 @@ def check_image(data: bytes) -> Optional[Tuple[str, str]]:
 def validate_shard(path: str, need_caption: bool = True) -> Tuple[List[Tuple[str, str, str]], int,
                                                                       List[Tuple[str, Dict[str, bytes]]]]:
     """(problems [(key, problem, detail)], samples seen, clean samples for --fix)."""
-    problems, clean, n = [], [], 0
+    problems, clean, n, unsafe = [], [], 0, []
     try:
-        for key, mem in iter_tar_samples(path):
+        for key, mem in iter_tar_samples(path, unsafe):
             n += 1
             ie = next((e for e in IMAGE_EXTS if e in mem), None)
             if ie is None:
@@ -222,6 +225,10 @@ def validate_shard(path: str, need_caption: bool = True) -> Tuple[List[Tuple[str
                 clean.append((key, fixed))
     except DataError as e:
         problems.append(("-", "truncated-tar", str(e)))
+    problems += [(name, "unsafe-name", "absolute or '..' member name (never read; dropped by --fix)")
+                 for name in unsafe]
+    if n == 0 and not problems:
+        problems.append(("-", "empty", "no samples in this tar (training rejects it)"))
     return problems, n, clean
 
 
