@@ -21,6 +21,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+@torch.no_grad()
+def official_init_(root: nn.Module) -> None:
+    """Official init of every Dense below `root` (xavier_uniform, zero bias; an output head's last
+    Dense included) and every LayerNorm (scale 1, bias 0)."""
+    for m in root.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, OutputHead):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class HeadLayer(nn.Module):
     """One hidden layer of the head: LayerNorm(gelu(Linear(x))) -- [N, Dd] -> [N, Dd]."""
 
@@ -50,18 +66,8 @@ class OutputHead(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_dim))
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self):
-        """Official init: every Dense xavier_uniform with zero bias, LayerNorm scale 1 / bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.weight)
-        nn.init.zeros_(self.bias)
+        official_init_(self)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the last Dense: [N, Dd] -> [N, Dd] (identity at depth 0)."""

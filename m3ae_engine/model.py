@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import ops
 from .attention import AttentionContext, attention
 from .config import M3AEConfig
-from .heads import OutputHead
+from .heads import OutputHead, official_init_
 from .masking import MaskingPlan, build_plan
 from .pos_embed import position_table
 from .reference import normalize_image, patchify
@@ -172,15 +172,7 @@ class M3AE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """Official initialisation: Dense xavier_uniform / zero bias, Embed normal(1.0), tokens normal(0.02)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, OutputHead):
-                m.reset_parameters()
+        official_init_(self)
         nn.init.normal_(self.text_embedding.weight, std=1.0)
         for name, p in self.named_parameters():
             if name.endswith("_type_embedding") or name in ("cls_token", "image_mask_embedding",
