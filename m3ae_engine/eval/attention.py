@@ -32,7 +32,7 @@ from ..attention import HALF_ONLY, AttentionBackendUnavailable, resolve_backend
 from .attention_maps import (SampleMaps, attention_rollout, caption_words, encoder_attention, head_average,
                              max_encoder_difference, resolve_layers, sample_maps)
 from .features import add_model_args, load_image, model_from_args
-from .reconstruct import samples_from_folder, samples_from_shards, samples_synthetic
+from .reconstruct import add_sample_source_args, samples_from_folder, samples_from_shards, samples_synthetic
 
 # |plain path - forward_representation| / max(1, |x|) allowed: fp32 kernels differ from the plain
 # matmul + softmax only by rounding order; half-precision-only kernels round q, k, v to bf16
@@ -195,10 +195,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m m3ae_engine.eval.attention", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="WebDataset tar shards (KEY.jpg + KEY.txt): glob, {a..b} or comma list")
-    src.add_argument("--folder", help="images (with optional same-name .txt captions)")
-    src.add_argument("--synthetic", type=int, metavar="N", help="N built-in synthetic image-caption pairs")
+    src = add_sample_source_args(p)
     src.add_argument("--image", metavar="FILE", help="one image (with --caption)")
     p.add_argument("--caption", help="the caption of --image (without it: CLS maps only)")
     p.add_argument("--layers", default="-1",

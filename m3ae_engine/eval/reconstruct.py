@@ -220,14 +220,21 @@ table{{border-collapse:collapse}} .m{{background:#ddd}} .ok{{color:#070;font-wei
     path.write_text(page, encoding="utf-8")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m m3ae_engine.eval.reconstruct", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+def add_sample_source_args(p: argparse.ArgumentParser):
+    """--shards | --folder | --synthetic N (one required): the samples an eval tool reads; returns the
+    group so a tool can add its own source."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="WebDataset tar shards (KEY.jpg + KEY.txt): glob, {a..b} or comma list")
     src.add_argument("--folder", help="images (with optional same-name .txt captions)")
     src.add_argument("--synthetic", type=int, metavar="N", help="N built-in synthetic image-caption pairs")
+    return src
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m m3ae_engine.eval.reconstruct", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_sample_source_args(p)
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--output-dir", default="reconstructions")
     p.add_argument("--seed", type=int, default=0, help="masking seed")
