@@ -115,21 +115,47 @@ def test_bad_input_is_one_line_error(data, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- with timm
+def _official_m3ae_layer_id(official_name, num_layer):
+    """finetune_main.py name_to_layer_id on a flattened flax key ('params', 'base_model', ...)."""
+    name = official_name
+    if len(name) > 3 and name[3].startswith("Block"):
+        return int(name[3].split("_")[1]) + 1
+    if len(name) > 3 and name[1] == "base_model" and name[3] in ["LayerNorm_0", "patch_emb"]:
+        return 0
+    if len(name) <= 3 and name[1] == "base_model" and name[2] in ["cls_token", "patch_mask_emb"]:
+        return 0
+    return num_layer
+
+
+# our timm name -> the official flax key of the parameter it comes from (pos_embed: the type embedding)
+_OFFICIAL_KEY = {"cls_token": ("params", "base_model", "cls_token"),
+                 "pos_embed": ("params", "base_model", "encoder_image_type_embedding"),
+                 "patch_embed": ("params", "base_model", "image_embedding", "kernel"),
+                 "norm": ("params", "base_model", "encoder", "LayerNorm_0", "scale"),
+                 "fc_norm": ("params", "LayerNorm_0", "scale"), "head": ("params", "Dense_0", "kernel")}
+
+
 @pytest.mark.timm
-def test_layer_decay_groups_match_the_mae_formula():
+@pytest.mark.parametrize("rule", ["m3ae", "mae"])
+def test_layer_decay_groups_match_the_reference_formulas(rule):
     from m3ae_engine.eval.vit_classifier import build_classifier, layer_decay_groups
     cfg = M3AEConfig.from_preset("tiny", depth=3)
     vit, _ = build_classifier(M3AE(cfg).state_dict(), cfg, 5, "cls", "m3ae", 0.1)
-    groups = layer_decay_groups(vit, 0.05, 0.75)
+    groups = layer_decay_groups(vit, 0.05, 0.75, rule)
     names = {id(p): n for n, p in vit.named_parameters()}
     seen = set()
     for g in groups:
         for p in g["params"]:
             n = names[id(p)]
             seen.add(n)
-            # main_finetune util/lr_decay.get_layer_id_for_vit; num_layers = depth + 1
-            layer = (0 if n.split(".")[0] in ("cls_token", "pos_embed", "patch_embed")
-                     else int(n.split(".")[1]) + 1 if n.startswith("blocks.") else cfg.depth + 1)
+            top = n.split(".")[0]
+            if rule == "mae":  # main_finetune util/lr_decay.get_layer_id_for_vit, num_layers = depth + 1
+                layer = (0 if top in ("cls_token", "pos_embed", "patch_embed")
+                         else int(n.split(".")[1]) + 1 if top == "blocks" else cfg.depth + 1)
+            else:
+                key = (("params", "base_model", "encoder", f"Block_{n.split('.')[1]}", "x") if top == "blocks"
+                       else _OFFICIAL_KEY[top])
+                layer = _official_m3ae_layer_id(key, cfg.depth + 1)
             assert g["lr_scale"] == pytest.approx(0.75 ** (cfg.depth + 1 - layer)), n
             no_decay = p.ndim == 1 or n in ("pos_embed", "cls_token")
             assert g["weight_decay"] == (0.0 if no_decay else 0.05), n
@@ -173,7 +199,7 @@ def _blocks_output(model, img):
         model.forward_representation(img)
     finally:
         hook.remove()
-    return grabbed["x"]
+    return grabbed["x"].reshape(img.shape[0], -1, model.config.emb_dim)  # packed [B * (1 + L), D] on this path
 
 
 @pytest.mark.timm

@@ -4,13 +4,14 @@
         --output-dir ft_out [--recipe m3ae|mae] [--epochs N --batch-size B --blr LR ...] [--resume]
     torchrun --nproc_per_node 8 -m m3ae_engine.eval.finetune ...      # DDP (NCCL on GPUs, gloo on CPUs)
 
-The encoder becomes a timm VisionTransformer (`vit_classifier.py`); timm also supplies RandAugment and
-random erasing (create_transform), Mixup/CutMix, the soft-target / label-smoothing losses and the
-layer-decay parameter groups. Two recipes set the defaults; every flag overrides its recipe value:
+The encoder becomes a timm VisionTransformer (`vit_classifier.py`, drop path from timm); timm also
+supplies RandAugment and random erasing (create_transform), Mixup/CutMix and the soft-target /
+label-smoothing losses. The layer-decay groups are timm's construction with each reference's layer ids
+(timm's own put the final norm with the last block, as neither reference does). Two recipes set the defaults; every flag overrides its recipe value:
 
   m3ae  young-geng/m3ae_public finetune_main.py + data.py (transform_type "finetune"): 90 epochs,
         lr_peak 1.5e-4 x batch / 256, 5 warmup epochs, cosine to 0, AdamW (0.9, 0.999), weight decay 0,
-        layer decay 0.75, mixup 0.8 / cutmix 1.0 / switch 0.5, label smoothing 0.1, drop path 0,
+        layer decay 0.75 (official layer ids), mixup 0.8 / cutmix 1.0 / switch 0.5, label smoothing 0.1, drop path 0,
         RandAugment rand-m9-mstd0.5-inc1, no random erasing, CLS token -> LayerNorm -> Linear head,
         val: resize to the image size, centre crop.
   mae   facebookresearch/mae main_finetune.py defaults + its fine-tuning recipe flags: 50 epochs,
@@ -56,16 +57,16 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 RECIPES = {
     "m3ae": dict(epochs=90, blr=1.5e-4, min_lr=0.0, warmup_epochs=5.0, weight_decay=0.0, layer_decay=0.75,
                  drop_path=0.0, mixup=0.8, cutmix=1.0, switch_prob=0.5, smoothing=0.1, aa=RAND_AUGMENT,
-                 color_jitter=1.0, reprob=0.0, pool="cls", head="m3ae", crop_pct=1.0),
+                 color_jitter=1.0, reprob=0.0, pool="cls", head="m3ae", layer_ids="m3ae", crop_pct=1.0),
     "mae": dict(epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5.0, weight_decay=0.05, layer_decay=0.75,
                 drop_path=0.1, mixup=0.8, cutmix=1.0, switch_prob=0.5, smoothing=0.1, aa=RAND_AUGMENT,
-                color_jitter=None, reprob=0.25, pool="avg", head="mae", crop_pct=0.875),
+                color_jitter=None, reprob=0.25, pool="avg", head="mae", layer_ids="mae", crop_pct=0.875),
 }
 CHECKPOINT = "checkpoint.pt"
 # settings a resumed run must share with the checkpoint (anything else changes the trajectory)
 RESUME_KEYS = ("recipe", "epochs", "blr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "drop_path",
                "mixup", "cutmix", "switch_prob", "smoothing", "aa", "color_jitter", "reprob", "pool", "head",
-               "crop_pct", "batch_size", "world_size", "seed", "normalization", "clip_grad", "classes",
+               "layer_ids", "crop_pct", "batch_size", "world_size", "seed", "normalization", "clip_grad", "classes",
                "model_config")
 
 
@@ -307,7 +308,8 @@ def run(args) -> dict:
     del encoder
     vit.to(device)
     peak_lr = scaled_lr(cfg["blr"], global_batch)
-    optimizer = torch.optim.AdamW(layer_decay_groups(vit, cfg["weight_decay"], cfg["layer_decay"]), lr=peak_lr,
+    optimizer = torch.optim.AdamW(layer_decay_groups(vit, cfg["weight_decay"], cfg["layer_decay"],
+                                                     cfg["layer_ids"]), lr=peak_lr,
                                   betas=(0.9, 0.999))
     start_epoch, history = 0, []
     if state is not None:
@@ -406,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=("cls", "avg"), default=None)
     p.add_argument("--head", choices=("m3ae", "mae"), default=None, help="layout after the blocks "
                    "(see vit_classifier.py)")
+    p.add_argument("--layer-ids", choices=("m3ae", "mae"), default=None, help="which reference assigns "
+                   "parameters to layers for the layer decay (see vit_classifier.layer_id)")
     p.add_argument("--crop-pct", type=float, default=None, help="val: resize to size / crop_pct, centre crop")
     p.add_argument("--clip-grad", type=float, default=None)
     p.add_argument("--normalization", choices=("imagenet", "checkpoint"), default="imagenet")

@@ -94,10 +94,41 @@ def build_classifier(m3ae_state_dict: Dict[str, torch.Tensor], config: M3AEConfi
     return vit, kwargs
 
 
-def layer_decay_groups(vit: nn.Module, weight_decay: float, layer_decay: float):
-    """timm's BEiT/MAE param groups: lr_scale = layer_decay ** (depth + 1 - layer_id), layer 0 = patch /
-    pos / cls embeddings, block i = i + 1, the rest (norms, head) depth + 1; no weight decay on 1-D
-    parameters and on vit.no_weight_decay() (pos_embed, cls_token). Each group carries 'lr_scale'."""
-    from timm.optim import param_groups_layer_decay
-    return param_groups_layer_decay(vit, weight_decay=weight_decay, layer_decay=layer_decay,
-                                    no_weight_decay_list=vit.no_weight_decay())
+LAYER_RULES = ("m3ae", "mae")
+
+
+def layer_id(name: str, depth: int, rule: str) -> int:
+    """Layer of a ViT parameter for layer-wise lr decay: block i is i + 1 in both references; the rest:
+    mae   util/lr_decay.get_layer_id_for_vit: cls_token, pos_embed, patch_embed 0; norm, fc_norm, head
+          depth + 1.
+    m3ae  finetune_main.py name_to_layer_id, read on the official parameter names: cls_token and the
+          encoder's final LayerNorm ('LayerNorm_0', matched there with 'patch_emb') 0; everything else
+          -- image_embedding (our patch_embed), the encoder image type embedding (folded into our
+          pos_embed; the sin-cos part is fixed there), the head's LayerNorm and Dense -- depth + 1.
+    (timm's param_groups_layer_decay puts `norm` with the last block, which neither reference does.)"""
+    top = name.split(".")[0]
+    if top == "blocks":
+        return int(name.split(".")[1]) + 1
+    if rule == "mae":
+        return 0 if top in ("cls_token", "pos_embed", "patch_embed") else depth + 1
+    if rule == "m3ae":
+        return 0 if top in ("cls_token", "norm") else depth + 1
+    raise ValueError(f"layer rule must be one of {LAYER_RULES}, got {rule!r}")
+
+
+def layer_decay_groups(vit: nn.Module, weight_decay: float, layer_decay: float, rule: str = "mae") -> list:
+    """AdamW groups as timm's param_groups_layer_decay builds them (each with its 'lr_scale' =
+    layer_decay ** (depth + 1 - layer_id); no weight decay on 1-D parameters and on
+    vit.no_weight_decay(): pos_embed, cls_token), with the reference's layer ids (`layer_id`)."""
+    depth = len(vit.blocks)
+    skip = set(vit.no_weight_decay())
+    groups = {}
+    for name, p in vit.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, depth, rule)
+        no_decay = p.ndim <= 1 or name in skip
+        g = groups.setdefault((lid, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                "lr_scale": layer_decay ** (depth + 1 - lid)})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
