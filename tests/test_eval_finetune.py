@@ -39,7 +39,7 @@ def data(tmp_path_factory):
     rng = np.random.default_rng(0)
     for name, img in _photos().items():
         h, w = img.shape[:2]
-        for split, n in (("train", 12), ("val", 6)):
+        for split, n in (("train", 12), ("val", 10)):
             (root / split / name).mkdir(parents=True)
             for i in range(n):
                 s = int(rng.integers(min(h, w) // 3, min(h, w) // 1.5))
@@ -218,7 +218,7 @@ def test_finetune_learns_real_photos(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert finetune.main(_argv(data, out, "--epochs", "8")) == 0
     res = json.loads((out / "finetune.json").read_text())
-    assert res["epochs_done"] == 8 and res["num_train"] == 48 and res["num_val"] == 24
+    assert res["epochs_done"] == 8 and res["num_train"] == 48 and res["num_val"] == 40
     assert res["classes"] == list(CLASSES)
     assert all(h["top5"] == 100.0 for h in res["history"])  # 4 classes: top-5 covers all
     assert res["top1"] >= 50.0, res["history"]
@@ -277,3 +277,16 @@ def test_ddp_two_ranks_gloo(data, tmp_path):
     assert res["lr"] == pytest.approx(0.05 * 16 / 256) and res["settings"]["batch_size"] == 8
     again = _evaluate_saved(out, data, res)
     assert again["top1"] == pytest.approx(res["top1"]) and again["val_loss"] == pytest.approx(res["history"][-1]["val_loss"])
+
+
+@pytest.mark.timm
+def test_corrupt_image_in_a_loader_worker_is_one_line_error(data, tmp_path, capsys):
+    import shutil
+    train = tmp_path / "train"
+    shutil.copytree(data / "train", train)
+    (train / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    argv = _argv(data, tmp_path / "o", "--epochs", "1", "--num-workers", "1")
+    argv[argv.index("--train") + 1] = str(train)
+    assert finetune.main(argv) == 2
+    msg = capsys.readouterr().err.strip().splitlines()[-1]
+    assert msg.startswith("error: cannot read image") and "broken.jpg" in msg, msg

@@ -425,8 +425,11 @@ def main(argv=None) -> int:
     try:
         res = run(args)
     except (FileNotFoundError, ValueError, ImportError, FloatingPointError) as e:
-        # a DataLoader worker's error arrives wrapped with its traceback: its last line is the message
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        # a DataLoader worker's error arrives wrapped with its traceback: its last line is "Type: message"
+        msg = str(e).strip().splitlines()[-1]
+        if msg.startswith(f"{type(e).__name__}: "):
+            msg = msg[len(type(e).__name__) + 2:]
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
