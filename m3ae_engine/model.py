@@ -26,6 +26,7 @@ from .attention import AttentionContext, attention
 from .config import M3AEConfig
 from .masking import MaskingPlan, build_plan
 from .pos_embed import position_table
+from .pretrained import PretrainedMixin
 from .reference import normalize_image, patchify
 
 
@@ -135,7 +136,7 @@ class M3AEOutput:
         return full.scatter(1, self.image_masked_positions[..., None].expand(b, lm, p), self.image_prediction)
 
 
-class M3AE(nn.Module):
+class M3AE(PretrainedMixin, nn.Module):
     def __init__(self, config: M3AEConfig):
         super().__init__()
         if not isinstance(config, M3AEConfig):
