@@ -79,7 +79,9 @@ def _losses(out):
 
 def forward_micro_batch(model, batch, noise, device, unpaired_weight: float = 0.0):
     """One micro-batch: the paired (or image-only) forward, plus the official unpaired text term
-    (`batch["unpaired_text"]`, a text-only forward weighted by `unpaired_weight`) when present."""
+    (`batch["unpaired_text"]`, a text-only forward weighted by `unpaired_weight`) and the unpaired image
+    term (`batch["unpaired_image"]`, an image-only forward whose loss is image_loss_weight x its image
+    loss: weighted as the paired image loss) when present."""
     image_noise, text_noise = noise
     kw = {}
     if batch.get("image") is not None:
@@ -93,7 +95,13 @@ def forward_micro_batch(model, batch, noise, device, unpaired_weight: float = 0.
                                        text_padding_mask=batch["unpaired_text_padding_mask"],
                                        text_noise=batch.get("unpaired_text_noise")))
         loss = loss + unpaired_weight * unpaired
-    return SimpleNamespace(loss=loss, image_loss=image_loss, text_loss=text_loss, unpaired_text_loss=unpaired)
+    unpaired_image = None
+    if batch.get("unpaired_image") is not None:
+        image_only_loss, unpaired_image, _ = _losses(model(image=batch["unpaired_image"].to(device, non_blocking=True),
+                                                           image_noise=batch.get("unpaired_image_noise")))
+        loss = loss + image_only_loss  # the model's image-only loss: image_loss_weight x image loss
+    return SimpleNamespace(loss=loss, image_loss=image_loss, text_loss=text_loss, unpaired_text_loss=unpaired,
+                           unpaired_image_loss=unpaired_image)
 
 
 def inject(loss: torch.Tensor, nan: bool) -> torch.Tensor:

@@ -45,6 +45,10 @@ class TrainConfig:
     modality: str = "paired"  # paired (M3AE) | image (MAE mode: image-only forwards; shards need no captions)
     unpaired_text_data: Optional[str] = None  # official unpaired text term: "synthetic" or text files / text shards
     unpaired_text_loss_weight: float = 0.0  # weight of the unpaired text-only forward's text loss (official flag)
+    unpaired_image_data: Optional[str] = None  # image-only term: "synthetic" or image-only (or paired) shards
+    unpaired_image_ratio: float = 0.0  # image-only samples per paired sample in each step (0 = off)
+    paired_fraction: float = 1.0  # share of samples keeping their caption (official deterministic_drop_text = 1 - F)
+    random_drop_text: float = 0.0  # each visit drops a caption with this probability (official random_drop_text)
     dataset_size: Optional[int] = None  # samples per epoch; needed for --epochs with endless synthetic data
     num_workers: int = 4
     # schedule; batch_size is GLOBAL (all ranks, all accumulation micro-steps)
@@ -98,6 +102,11 @@ class TrainConfig:
         if self.epochs is not None:
             return max(1, math.ceil(self.epochs * self.dataset_size / self.batch_size))
         return self.steps
+
+    @property
+    def unpaired_image_batch_size(self) -> int:
+        """Image-only samples per optimizer step (all ranks and micro-steps)."""
+        return int(round(self.unpaired_image_ratio * self.batch_size))
 
     @property
     def total_warmup_steps(self) -> int:
@@ -184,6 +193,25 @@ class TrainConfig:
         need((self.unpaired_text_data is None) == (self.unpaired_text_loss_weight == 0),
              "unpaired text needs both --unpaired-text-data and a positive --unpaired-text-loss-weight "
              f"(got data={self.unpaired_text_data!r}, weight={self.unpaired_text_loss_weight!r})")
+        need(isinstance(self.unpaired_image_ratio, (int, float)) and self.unpaired_image_ratio >= 0,
+             f"unpaired_image_ratio must be >= 0, got {self.unpaired_image_ratio!r}")
+        need((self.unpaired_image_data is None) == (self.unpaired_image_ratio == 0),
+             "unpaired images need both --unpaired-image-data and a positive --unpaired-image-ratio "
+             f"(got data={self.unpaired_image_data!r}, ratio={self.unpaired_image_ratio!r})")
+        if self.unpaired_image_data is not None:
+            u = self.unpaired_image_ratio * self.batch_size
+            need(abs(u - round(u)) < 1e-6 and round(u) % self.grad_accum == 0,
+                 f"unpaired_image_ratio x batch_size = {u:g} image-only samples per step must be a whole "
+                 f"number divisible by grad_accum ({self.grad_accum})")
+            need(self.modality == "paired",
+                 "--unpaired-image-data mixes image-only batches into M3AE (paired) training; in MAE mode "
+                 "(--modality image) every forward is image-only already: add the shards to --data")
+        for name in ("paired_fraction", "random_drop_text"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                 f"{name} must be in [0, 1], got {v!r}")
+        need(self.modality == "paired" or (self.paired_fraction == 1 and self.random_drop_text == 0),
+             "paired_fraction / random_drop_text drop captions of paired data: not with --modality image")
         need(self.eval_every == 0 or self.data == "synthetic",
              "eval_every needs --data synthetic: the held-out eval reads synthetic batches (an eval split of "
              "WebDataset shards is not wired into the loop yet); set eval_every: 0")
@@ -215,6 +243,12 @@ HELP = {
     "modality": "paired (M3AE) | image (MAE mode: image-only forwards on image shards or synthetic images)",
     "unpaired_text_data": "unpaired text (official): synthetic, or text files / text shards; each step adds a text-only forward",
     "unpaired_text_loss_weight": "weight of the unpaired text loss (official flag; 0 = off)",
+    "unpaired_image_data": "image-only data: synthetic, or image-only (or paired) shards; each step adds an "
+                           "image-only forward weighted as the paired image loss",
+    "unpaired_image_ratio": "image-only samples per paired sample in each step (R x batch_size of them; 0 = off)",
+    "paired_fraction": "share of samples that keep their caption: index %% 100 < (1-F)*100 loses it "
+                       "(official deterministic_drop_text = 1 - F; 1 = all paired)",
+    "random_drop_text": "probability that a sample's caption is dropped at each visit (official random_drop_text)",
     "dataset_size": "samples per epoch (needed with --epochs / --warmup-epochs)",
     "batch_size": "GLOBAL batch: all ranks and accumulation steps together",
     "grad_accum": "micro-steps per optimizer step", "steps": "optimizer steps (or give --epochs)",

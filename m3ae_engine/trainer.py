@@ -34,6 +34,7 @@ from .runtime import DistInfo, build_runtime, dist_from_env, forward_micro_batch
 from .train_config import TrainConfig
 
 UNPAIRED_SEED_OFFSET = 7_777_777  # unpaired text draws its own captions and masks
+UNPAIRED_IMAGE_SEED_OFFSET = 5_555_557  # unpaired images draw their own images and masks
 EVAL_SEED_OFFSET = 1_000_003  # eval batches and masks come from a stream training never reads
 
 
@@ -74,6 +75,9 @@ def check_data(cfg: TrainConfig):
     if cfg.unpaired_text_data not in (None, "synthetic"):
         for spec in split_sources(cfg.unpaired_text_data):
             _require_files(spec, "--unpaired-text-data")
+    if cfg.unpaired_image_data not in (None, "synthetic"):
+        for spec in split_sources(cfg.unpaired_image_data):
+            _require_files(spec, "--unpaired-image-data")
     if cfg.data == "synthetic":
         return None
     from .data import build_loader
@@ -82,18 +86,28 @@ def check_data(cfg: TrainConfig):
     return build_loader
 
 
+def text_drop_options(cfg: TrainConfig) -> dict:
+    """Partial pairing (official deterministic_drop_text / random_drop_text) for the training data's
+    loader; empty when every caption is kept, so loaders see no new option in a plain run."""
+    if cfg.paired_fraction == 1 and cfg.random_drop_text == 0:
+        return {}
+    return {"paired_fraction": cfg.paired_fraction, "random_drop_text": cfg.random_drop_text}
+
+
 def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int, build_loader=None,
-               seed: Optional[int] = None):
+               seed: Optional[int] = None, drop_text: bool = True):
+    """The paired (or MAE-mode image) training data; drop_text=False: every caption kept (held-out eval)."""
+    drop = text_drop_options(cfg) if drop_text else {}
     if build_loader is None:
         from .data import SyntheticBatches
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
-                                rank=info.rank, world_size=info.world_size)
+                                rank=info.rank, world_size=info.world_size, **drop)
     device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
     return build_loader(split_sources(cfg.data), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
                         world_size=info.world_size, num_workers=capped_workers(cfg.num_workers, info), device=device,
-                        modality="image" if cfg.modality == "image" else "paired")
+                        modality="image" if cfg.modality == "image" else "paired", **drop)
 
 
 def available_cores() -> int:
@@ -131,27 +145,51 @@ def log_interval(cfg: TrainConfig, total_steps: int) -> int:
     return max(1, min(cfg.log_every, total_steps // 10))
 
 
-def build_unpaired_text(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int):
-    """Text-only batches for the official unpaired text term: synthetic captions (their images are
-    dropped) or text files / text shards read by the data package's text loader."""
-    if cfg.unpaired_text_data is None:
+def build_unpaired(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int, modality: str):
+    """Batches of one modality for an unpaired term: "text" (the official unpaired text term:
+    synthetic captions, or text files / text shards) or "image" (image-only forwards: synthetic
+    images, or image-only / paired shards read without their captions); None when not asked for.
+    Each has its own seed, so it draws other samples than the paired stream."""
+    spec, offset = ((cfg.unpaired_text_data, UNPAIRED_SEED_OFFSET) if modality == "text"
+                    else (cfg.unpaired_image_data, UNPAIRED_IMAGE_SEED_OFFSET))
+    if spec is None:
         return None
-    if cfg.unpaired_text_data == "synthetic":
+    if spec == "synthetic":  # the unused half (images of the text term, captions of the image term) is dropped
         from .data import SyntheticBatches
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
-                                seed=cfg.seed + UNPAIRED_SEED_OFFSET, rank=info.rank, world_size=info.world_size)
+                                seed=cfg.seed + offset, rank=info.rank, world_size=info.world_size)
     from .data import build_loader
-    return build_loader(split_sources(cfg.unpaired_text_data), batch_size=micro, image_size=model_config.image_size,
-                        text_length=model_config.text_length, seed=cfg.seed + UNPAIRED_SEED_OFFSET,
-                        rank=info.rank, world_size=info.world_size, modality="text")
+    image_kw = {}
+    if modality == "image":
+        image_kw = dict(num_workers=capped_workers(cfg.num_workers, info),
+                        device=f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    return build_loader(split_sources(spec), batch_size=micro, image_size=model_config.image_size,
+                        text_length=model_config.text_length, seed=cfg.seed + offset,
+                        rank=info.rank, world_size=info.world_size, modality=modality, **image_kw)
 
 
-def micro_batch(batch: dict, modality: str, unpaired: Optional[dict], unpaired_noise) -> dict:
-    """The dict the runtime's forward reads: image-only in MAE mode, plus the unpaired text if any."""
+def unpaired_image_per_rank(cfg: TrainConfig, info: DistInfo) -> int:
+    """Image-only samples per rank per micro-step: unpaired_image_ratio x batch_size over all ranks and
+    micro-steps, which must divide evenly (as the paired batch) so 2 ranks see what 1 rank sees."""
+    if cfg.unpaired_image_data is None:
+        return 0
+    total = cfg.unpaired_image_batch_size
+    if total % (cfg.grad_accum * info.world_size):
+        raise ConfigError(f"unpaired_image_ratio x batch_size = {total} image-only samples per step must be "
+                          f"divisible by grad_accum x world size = {cfg.grad_accum} x {info.world_size}")
+    return total // (cfg.grad_accum * info.world_size)
+
+
+def micro_batch(batch: dict, modality: str, unpaired: Optional[dict], unpaired_noise,
+                unpaired_image: Optional[dict] = None, unpaired_image_noise=None) -> dict:
+    """The dict the runtime's forward reads: image-only in MAE mode, plus the unpaired text and the
+    unpaired images if any."""
     out = {"image": batch["image"]} if modality == "image" else dict(batch)
     if unpaired is not None:
         out.update(unpaired_text=unpaired["text"], unpaired_text_padding_mask=unpaired["text_padding_mask"],
                    unpaired_text_noise=unpaired_noise)
+    if unpaired_image is not None:
+        out.update(unpaired_image=unpaired_image["image"], unpaired_image_noise=unpaired_image_noise)
     return out
 
 
@@ -207,7 +245,8 @@ def _loss_vector(out) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(runtime, cfg, model_config, info, micro, device) -> dict:
     """Loss on fixed held-out synthetic batches with fixed masks: comparable across steps and runs."""
-    data = build_data(cfg, model_config, info, micro, seed=cfg.seed + EVAL_SEED_OFFSET)
+    # every caption kept: the eval loss stays comparable across --paired-fraction runs
+    data = build_data(cfg, model_config, info, micro, seed=cfg.seed + EVAL_SEED_OFFSET, drop_text=False)
     noise = MaskNoise(cfg.seed + EVAL_SEED_OFFSET, model_config.num_patches, model_config.text_length,
                       micro * info.world_size, "sample")
     model = getattr(runtime, "engine", None) or runtime.model
@@ -255,9 +294,16 @@ def train(cfg: TrainConfig) -> dict:
     data = build_data(cfg, model_config, info, micro, build_loader)
     noise = MaskNoise(cfg.seed, model_config.num_patches, model_config.text_length, cfg.batch_size,
                       model_config.mask_sharing)
-    unpaired_data = build_unpaired_text(cfg, model_config, info, micro)
+    unpaired_data = build_unpaired(cfg, model_config, info, micro, "text")
     unpaired_noise = MaskNoise(cfg.seed + UNPAIRED_SEED_OFFSET, model_config.num_patches, model_config.text_length,
                                cfg.batch_size, model_config.mask_sharing)
+    micro_img = unpaired_image_per_rank(cfg, info)
+    unpaired_image_data = unpaired_image_noise = None
+    if micro_img:
+        unpaired_image_data = build_unpaired(cfg, model_config, info, micro_img, "image")
+        unpaired_image_noise = MaskNoise(cfg.seed + UNPAIRED_IMAGE_SEED_OFFSET, model_config.num_patches,
+                                         model_config.text_length, cfg.unpaired_image_batch_size,
+                                         model_config.mask_sharing)
     total, warmup = cfg.total_steps, cfg.total_warmup_steps
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     ckpt_root = out_dir / "checkpoints" if out_dir else None
@@ -277,6 +323,8 @@ def train(cfg: TrainConfig) -> dict:
             data.load_state_dict(client["data"])
         if unpaired_data is not None and client.get("unpaired_text_data") is not None:
             unpaired_data.load_state_dict(client["unpaired_text_data"])
+        if unpaired_image_data is not None and client.get("unpaired_image_data") is not None:
+            unpaired_image_data.load_state_dict(client["unpaired_image_data"])
         bad_total.fill_(int(client.get("skipped_steps", 0)))
     if start >= total:  # a preempted job restarted after it finished: nothing to do, not an error
         if info.is_main:
@@ -311,6 +359,8 @@ def train(cfg: TrainConfig) -> dict:
         return {"step": step, "data": data.state_dict() if hasattr(data, "state_dict") else None,
                 "unpaired_text_data": (unpaired_data.state_dict() if hasattr(unpaired_data, "state_dict")
                                        else None),
+                "unpaired_image_data": (unpaired_image_data.state_dict()
+                                        if hasattr(unpaired_image_data, "state_dict") else None),
                 "skipped_steps": int(bad_total), "config": cfg.to_dict()}
 
     def checkpoint(step):
@@ -324,22 +374,29 @@ def train(cfg: TrainConfig) -> dict:
 
     data_iter = iter(data)
     unpaired_iter = iter(unpaired_data) if unpaired_data is not None else None
+    unpaired_image_iter = iter(unpaired_image_data) if unpaired_image_data is not None else None
     t0, t_log, seen_log = time.perf_counter(), time.perf_counter(), 0
     step = start
     try:
         while step < total:
             lr = warmup_cosine(step, total, warmup, cfg.peak_lr, end_lr=cfg.end_lr)
-            acc = torch.zeros(4, device=device)  # loss, image, text, unpaired text: one all-reduce when logged
+            # loss, image, text, unpaired text, unpaired image: one all-reduce when logged
+            acc = torch.zeros(5, device=device)
             for m in range(cfg.grad_accum):
                 batch = next(data_iter)
                 unpaired = next(unpaired_iter) if unpaired_iter is not None else None
                 u_noise = unpaired_noise(step, m, info.rank, info.world_size, micro)[1] if unpaired else None
-                out = runtime.forward_backward(micro_batch(batch, cfg.modality, unpaired, u_noise),
+                u_image = next(unpaired_image_iter) if unpaired_image_iter is not None else None
+                ui_noise = (unpaired_image_noise(step, m, info.rank, info.world_size, micro_img)[0]
+                            if u_image else None)
+                out = runtime.forward_backward(micro_batch(batch, cfg.modality, unpaired, u_noise, u_image, ui_noise),
                                                noise(step, m, info.rank, info.world_size, micro),
                                                last_micro=m == cfg.grad_accum - 1, nan=step in inject)
                 acc[:3] += _loss_vector(out).to(device) / cfg.grad_accum
                 if getattr(out, "unpaired_text_loss", None) is not None:
                     acc[3] += out.unpaired_text_loss.detach().float() / cfg.grad_accum
+                if getattr(out, "unpaired_image_loss", None) is not None:
+                    acc[4] += out.unpaired_image_loss.detach().float() / cfg.grad_accum
             norm, bad = runtime.step(lr, ~torch.isfinite(acc[0]))
             bad = bad.to(device)
             bad_total += bad.long()
@@ -351,7 +408,7 @@ def train(cfg: TrainConfig) -> dict:
 
             if step % every == 0 or step == total or step == start + 1:
                 vals = _all_reduce(acc.clone()) / info.world_size  # the global batch's losses
-                loss, img, txt, unpaired_loss = vals.tolist()  # one host sync for all the logged values
+                loss, img, txt, unpaired_loss, unpaired_image_loss = vals.tolist()  # one host sync for all
                 grad_norm, skipped, run_max = torch.stack([norm.float().to(device), bad_total.float(),
                                                            bad_run_max.float()]).tolist()
                 skipped, run_max = int(skipped), int(run_max)
@@ -363,6 +420,8 @@ def train(cfg: TrainConfig) -> dict:
                            "memory_gb": memory_gb(device), "mfu": None}
                 if unpaired_iter is not None:
                     metrics["unpaired_text_loss"] = unpaired_loss
+                if unpaired_image_iter is not None:
+                    metrics["unpaired_image_loss"] = unpaired_image_loss
                 if peak is not None and cfg.modality == "paired":
                     metrics["mfu"] = flops_fn(batch["text_padding_mask"]) * rate / (peak * info.world_size)
                 losses[step] = loss

@@ -23,7 +23,8 @@ import torch
 
 from ..config import CC12M_MEAN, CC12M_STD
 from .sources import (IMAGE_EXTS, DataError, build_table, decode_text, expand_sources, index_is_current,
-                      index_path_for, load_index, write_index)
+                      index_path_for, load_index, split_name, write_index)
+from .text_drop import TextDrop, tokenise_with_drop
 from .order import check_resume, finite_length, resume_state
 from .transforms import RATIO, SCALE
 
@@ -69,7 +70,7 @@ class DaliLoader:
                  random_crop: bool = True, flip: bool = True, scale=SCALE, ratio=RATIO,
                  modality: str = "paired", tokenizer=None, num_threads: int = 4,
                  shuffle_buffer: int = 4096, prefetch: int = 2, index_dir: Optional[str] = None,
-                 hw_decoder_load: float = 0.65):
+                 hw_decoder_load: float = 0.65, paired_fraction: float = 1.0, random_drop_text: float = 0.0):
         from ..tokenizer import default_tokenizer
         if not dali_available():
             raise RuntimeError("DALI is not installed: pip install nvidia-dali-cuda130 (or -cuda120)")
@@ -84,6 +85,12 @@ class DaliLoader:
         self.index_paths, indices = ensure_indices(self.paths, index_dir)
         table = build_table(self.paths, need_image=True, need_text=(modality == "paired"), indices=indices)
         self.num_samples = len(table)
+        # partial pairing (official deterministic_drop_text / random_drop_text) by the sample's table index:
+        # DALI names each caption it reads ("shard.tar:offset:member"), which maps back to that index
+        self.text_drop = TextDrop(paired_fraction, random_drop_text, seed)
+        if self.text_drop.active and modality != "paired":
+            raise ValueError("paired_fraction / random_drop_text drop captions: they need modality='paired'")
+        self._index_of = ({table.key(i): i for i in range(len(table))} if self.text_drop.active else None)
         self.batch_size, self.image_size, self.text_length = batch_size, image_size, text_length
         self.rank, self.world_size, self.seed, self.shuffle, self.epochs = rank, world_size, seed, shuffle, epochs
         self.normalize, self.random_crop, self.flip = normalize, random_crop, flip
@@ -144,6 +151,8 @@ class DaliLoader:
             else:
                 img = fn.crop_mirror_normalize(img, crop=[S, S], mirror=mirror, output_layout="CHW",
                                                dtype=types.UINT8)
+            if self.modality == "paired" and self.text_drop.active:
+                return img, outs[1], fn.get_property(outs[1], key="source_info")
             if self.modality == "paired":
                 return img, outs[1]
             return img
@@ -185,10 +194,21 @@ class DaliLoader:
             if self.modality == "paired":
                 tl = outs[1]
                 caps = [decode_text(bytes(np.array(tl[i]))) for i in range(len(tl))]
-                batch["text"], batch["text_padding_mask"] = self.tokenizer.encode_batch(caps)
-                batch["caption"] = caps
+                dropped = [False] * len(caps)
+                if self.text_drop.active:
+                    batch["key"] = [self._sample_key(bytes(np.array(outs[2][i])).decode()) for i in range(len(tl))]
+                    indices = [self._index_of[k] for k in batch["key"]]
+                    dropped = self.text_drop.flags(indices, [self.epoch] * len(indices))
+                batch["text"], batch["text_padding_mask"], batch["caption"] = tokenise_with_drop(
+                    self.tokenizer, caps, dropped)
             self.step += 1
             yield batch
+
+    @staticmethod
+    def _sample_key(source_info: str) -> str:
+        """DALI's "path:offset:dir/KEY.txt" -> "path:dir/KEY", the table's key of the sample."""
+        path, _, member = source_info.rsplit(":", 2)
+        return f"{path}:{split_name(member)[0]}"
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:

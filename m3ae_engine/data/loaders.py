@@ -26,6 +26,7 @@ from ..config import CC12M_MEAN, CC12M_STD
 from ..reference import normalize_image
 from .order import RankOrder, check_resume, finite_length, resume_state
 from .sources import DataError, Reader, build_table, decode_text, expand_sources, read_text_lines
+from .text_drop import TextDrop, tokenise_with_drop
 from .transforms import (RATIO, SCALE, augment_gpu, augment_pil, decode_pil, jpeg_components,
                          sample_params)
 
@@ -40,7 +41,8 @@ class _ShardLoaderBase:
                  epochs: Optional[int] = None, device="cpu", normalize: bool = False,
                  random_crop: bool = True, flip: bool = True, scale=SCALE, ratio=RATIO,
                  modality: str = "paired", tokenizer=None, drop_last: bool = True,
-                 max_corrupt_fraction: float = 0.01, use_index: bool = True):
+                 max_corrupt_fraction: float = 0.01, use_index: bool = True,
+                 paired_fraction: float = 1.0, random_drop_text: float = 0.0):
         from ..tokenizer import default_tokenizer
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -59,6 +61,10 @@ class _ShardLoaderBase:
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.modality = modality
         self.tokenizer = tokenizer or (default_tokenizer(text_length) if modality == "paired" else None)
+        # partial pairing (official deterministic_drop_text / random_drop_text) by the sample's table index
+        self.text_drop = TextDrop(paired_fraction, random_drop_text, seed)
+        if self.text_drop.active and modality != "paired":
+            raise ValueError("paired_fraction / random_drop_text drop captions: they need modality='paired'")
         self.drop_last = drop_last
         self.max_corrupt_fraction = max_corrupt_fraction
         self.reader = Reader(self.paths)
@@ -102,8 +108,9 @@ class _ShardLoaderBase:
             cap = decode_text(self.reader.read(int(t.shard[idx]), int(toff), int(tsize)))
         return epoch, idx, img, cap
 
-    def _tokenise(self, captions: Sequence[str]):
-        return self.tokenizer.encode_batch(list(captions))
+    def _tokenise(self, captions: Sequence[str], epochs: Sequence[int], indices: Sequence[int]):
+        """(ids, padding mask, captions) with the captions partial pairing drops turned to padding / ""."""
+        return tokenise_with_drop(self.tokenizer, captions, self.text_drop.flags(indices, epochs))
 
     def _finish(self, batch: Dict) -> Dict:
         """Main process: device transfer, normalisation, corrupt-sample accounting."""
@@ -165,9 +172,10 @@ class _BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int):
         L = self.loader
-        imgs, caps, keys, bad = [], [], [], []
+        imgs, caps, keys, bad, visits = [], [], [], [], []
         for pos in L._positions(step):
             epoch, idx, data, cap = L._read(pos)
+            visits.append((epoch, idx))
             key = L.table.key(idx)
             try:
                 im = decode_pil(data)
@@ -180,11 +188,11 @@ class _BatchDataset(torch.utils.data.Dataset):
             caps.append(cap)
             keys.append(key)
         donors = _fill_corrupt(imgs, keys, f"batch {step}")
-        imgs, caps, keys = ([seq[d] for d in donors] for seq in (imgs, caps, keys))
+        imgs, caps, keys, visits = ([seq[d] for d in donors] for seq in (imgs, caps, keys, visits))
         out = {"image": torch.from_numpy(np.stack(imgs)), "key": keys, "corrupt": bad}
         if L.modality == "paired":
-            out["text"], out["text_padding_mask"] = L._tokenise(caps)
-            out["caption"] = caps
+            out["text"], out["text_padding_mask"], out["caption"] = L._tokenise(
+                caps, [e for e, _ in visits], [i for _, i in visits])
         return out
 
 
@@ -258,8 +266,7 @@ class NvJpegLoader(_ShardLoaderBase):
                "data": [d for _, _, d, _ in items], "key": [self.table.key(i) for _, i, _, _ in items]}
         if self.modality == "paired":
             caps = [c for _, _, _, c in items]
-            out["text"], out["text_padding_mask"] = self._tokenise(caps)
-            out["caption"] = caps
+            out["text"], out["text_padding_mask"], out["caption"] = self._tokenise(caps, out["epoch"], out["idx"])
         return out
 
     def _decode(self, data: List[bytes], keys, bad):

@@ -12,6 +12,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .text_drop import TextDrop, tokenise_with_drop
+
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 220, 40),
     "purple": (150, 50, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15),
@@ -92,10 +94,13 @@ class SyntheticBatches:
 
     The text stays on the CPU: the model reads its padding to size packed sequences exactly.
     `state_dict()` / `load_state_dict()` give the position for exact resume.
+    `paired_fraction` / `random_drop_text`: partial pairing as the official data options (text_drop.py);
+    sample index `i` (of a dataset of `size`, else of the endless stream) is the official index.
     """
 
     def __init__(self, batch_size: int, image_size: int = 256, text_length: int = 64, seed: int = 0,
-                 tokenizer=None, size: Optional[int] = None, rank: int = 0, world_size: int = 1):
+                 tokenizer=None, size: Optional[int] = None, rank: int = 0, world_size: int = 1,
+                 paired_fraction: float = 1.0, random_drop_text: float = 0.0):
         from ..tokenizer import default_tokenizer
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -103,17 +108,19 @@ class SyntheticBatches:
         self.tokenizer = tokenizer or default_tokenizer(text_length)
         self.size = size
         self.rank, self.world_size = rank, world_size
+        self.text_drop = TextDrop(paired_fraction, random_drop_text, seed)
         self.step = 0
 
     def batch_at(self, step: int) -> Dict[str, torch.Tensor]:
         start = (step * self.world_size + self.rank) * self.batch_size
-        idx = [start + i for i in range(self.batch_size)]
-        if self.size is not None:
-            idx = [i % self.size for i in idx]
+        pos = [start + i for i in range(self.batch_size)]  # positions in the global stream
+        idx, epochs = (pos, [0] * len(pos)) if self.size is None else ([p % self.size for p in pos],
+                                                                       [p // self.size for p in pos])
         samples = [make_sample(i, self.seed, self.image_size) for i in idx]
         image = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2).contiguous()
-        text, pad = self.tokenizer.encode_batch([s[1] for s in samples])
-        return {"image": image, "text": text, "text_padding_mask": pad, "caption": [s[1] for s in samples]}
+        dropped = self.text_drop.flags(idx, epochs)
+        text, pad, captions = tokenise_with_drop(self.tokenizer, [s[1] for s in samples], dropped)
+        return {"image": image, "text": text, "text_padding_mask": pad, "caption": captions}
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         while True:
