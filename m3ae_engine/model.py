@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import ops
 from .attention import AttentionContext, attention
 from .config import M3AEConfig
+from .heads import OutputHead
 from .masking import MaskingPlan, build_plan
 from .pos_embed import position_table
 from .pretrained import PretrainedMixin
@@ -121,7 +122,8 @@ class M3AEOutput:
     text_accuracy: Optional[torch.Tensor]
     image_mask: Optional[torch.Tensor]  # [B, Li] 1 = masked
     text_mask: Optional[torch.Tensor]  # [B, Lt] 1 = masked (padding included, as the official mask)
-    image_prediction: Optional[torch.Tensor]  # [B, Lm, p*p*3] predicted patches at masked positions
+    # predicted patches at the loss positions: the masked ones (every patch with image_all_token_loss)
+    image_prediction: Optional[torch.Tensor]  # [B, Lm, p*p*3]
     image_masked_positions: Optional[torch.Tensor]  # [B, Lm] their positions (ascending)
     text_logits: Optional[torch.Tensor]  # [Nt, V] only with return_text_logits=True
     text_target_index: Optional[torch.Tensor]  # [Nt] b*Lt + l of each text prediction row
@@ -129,7 +131,8 @@ class M3AEOutput:
     plan: MaskingPlan
 
     def image_prediction_full(self) -> torch.Tensor:
-        """[B, Li, P]: predictions at masked positions, zeros at visible ones."""
+        """[B, Li, P]: the predictions at their positions, zeros at the others (the visible patches,
+        unless image_all_token_loss predicts every patch)."""
         b, lm, p = self.image_prediction.shape
         li = self.image_mask.shape[1]
         full = self.image_prediction.new_zeros(b, li, p)
@@ -161,8 +164,9 @@ class M3AE(PretrainedMixin, nn.Module):
         self.decoder = nn.ModuleList(Block(dd, c.dec_num_heads, c.mlp_ratio, c.layer_norm_eps, c.gelu,
                                            c.compile_blocks) for _ in range(c.dec_depth))
         self.decoder_norm = nn.LayerNorm(dd, eps=c.layer_norm_eps)
-        self.decoder_image_output = nn.Linear(dd, c.patch_dim)
-        self.decoder_text_output = nn.Linear(dd, c.vocab_size)
+        # output heads (official MLP when output_head_depth > 0); their last Linear is .weight/.bias
+        self.decoder_image_output = OutputHead(dd, c.patch_dim, c.output_head_depth, c.layer_norm_eps, c.gelu)
+        self.decoder_text_output = OutputHead(dd, c.vocab_size, c.output_head_depth, c.layer_norm_eps, c.gelu)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -176,6 +180,8 @@ class M3AE(PretrainedMixin, nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, OutputHead):
+                m.reset_parameters()
         nn.init.normal_(self.text_embedding.weight, std=1.0)
         for name, p in self.named_parameters():
             if name.endswith("_type_embedding") or name in ("cls_token", "image_mask_embedding",
@@ -271,7 +277,8 @@ class M3AE(PretrainedMixin, nn.Module):
         c = self.config
         return build_plan(batch, c.num_patches, c.image_keep, text_padding_mask, c.text_length, c.text_keep,
                           has_image=has_image, packed=c.packed, sharing=c.mask_sharing, device=self.cls_token.device,
-                          generator=generator, image_noise=image_noise, text_noise=text_noise)
+                          generator=generator, image_noise=image_noise, text_noise=text_noise,
+                          image_all_tokens=c.image_all_token_loss, text_all_tokens=c.text_all_token_loss)
 
     def encode(self, image, text, plan: MaskingPlan) -> torch.Tensor:
         """Encoder over the plan's visible rows -> [T, D] (after the final LayerNorm)."""
@@ -334,7 +341,7 @@ class M3AE(PretrainedMixin, nn.Module):
 
         image_loss = image_pred = masked_pos = None
         if image is not None:
-            lm = plan.num_patches - plan.image_keep
+            lm = plan.image_patch_index.numel() // b  # masked patches per sample (all with image_all_token_loss)
             pred = self.decoder_image_output(d[plan.image_pred_rows])  # [B*Lm, P]
             image_loss = ops.masked_mse(pred, image, plan.image_patch_index,
                                         plan.image_row_weight, c.patch_size, c.norm_pix_loss,
@@ -343,13 +350,13 @@ class M3AE(PretrainedMixin, nn.Module):
             masked_pos = (plan.image_patch_index.long() % plan.num_patches).view(b, lm)
         text_loss = text_acc = logits = None
         if text is not None:
-            h = d[plan.text_pred_rows]  # [Nt, Dd]
+            h = self.decoder_text_output.hidden(d[plan.text_pred_rows])  # [Nt, Dd]: the MLP head before its last Linear
             targets = text.reshape(-1).long()[plan.text_target_index]
             text_loss, text_acc = ops.linear_cross_entropy(h, self.decoder_text_output.weight,
                                                            self.decoder_text_output.bias, targets,
                                                            plan.text_row_weight, backend=self._kernels())
             if return_text_logits:
-                logits = self.decoder_text_output(h)
+                logits = F.linear(h, self.decoder_text_output.weight, self.decoder_text_output.bias)
         loss = 0.0
         if image_loss is not None:
             loss = loss + c.image_loss_weight * image_loss

@@ -240,10 +240,12 @@ class DeepSpeedRuntime:
             model=model, model_parameters=groups, optimizer=optimizer, config=copy.deepcopy(self.ds_config))
         self.module = self.engine.module
         if self.zero_stage == 3:
-            # M3AE.forward hands the vocab head's weight straight to the fused CE op without calling the
-            # Linear, so ZeRO-3 would never gather it; registering it makes M3AE's own hooks fetch it.
+            # M3AE.forward hands the vocab head's last Linear (weight, bias) straight to the fused CE op
+            # without calling the head module, so ZeRO-3 would never gather them; registering them makes
+            # M3AE's own hooks fetch them. (The MLP head's earlier layers are called as modules.)
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-            for p in self.module.decoder_text_output.parameters():
+            head = self.module.decoder_text_output
+            for p in (head.weight, head.bias):
                 register_external_parameter(self.module, p)
         half = next((k for k in ("bf16", "fp16") if self.ds_config.get(k, {}).get("enabled", False)), None)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if half == "bf16" else torch.float16)

@@ -37,6 +37,9 @@ class TrainConfig:
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5
     norm_pix_loss: bool = False
+    image_all_token_loss: bool = False  # official flag: pixel loss over every patch
+    text_all_token_loss: bool = False  # official flag: word loss over every non-padded token
+    output_head_depth: int = 0  # official flag m3ae.output_head_depth: 0 = Linear heads, k = MLP heads
     kernels: str = "auto"  # auto | torch | triton | cuda
     attention: str = "auto"
     compile_blocks: bool = False  # torch.compile the attention-free halves of each block (not with ZeRO-3)
@@ -119,6 +122,8 @@ class TrainConfig:
         return dict(image_mask_ratio=self.image_mask_ratio, text_mask_ratio=self.text_mask_ratio,
                     mask_sharing=self.mask_sharing, image_loss_weight=self.image_loss_weight,
                     text_loss_weight=self.text_loss_weight, norm_pix_loss=self.norm_pix_loss,
+                    image_all_token_loss=self.image_all_token_loss, text_all_token_loss=self.text_all_token_loss,
+                    output_head_depth=self.output_head_depth,
                     kernels=self.kernels, attention=self.attention, compile_blocks=self.compile_blocks,
                     **self.model)
 
@@ -237,6 +242,9 @@ HELP = {
     "mask_sharing": "sample (one permutation per sample, MAE) | batch (one per rank, official M3AE)",
     "image_loss_weight": "weight of the pixel MSE term", "text_loss_weight": "weight of the word CE term (paper 0.5)",
     "norm_pix_loss": "true: MAE's per-patch normalised pixel target",
+    "image_all_token_loss": "true: pixel loss over every patch, not only the masked ones (official flag)",
+    "text_all_token_loss": "true: word loss over every non-padded token, not only the masked ones (official flag)",
+    "output_head_depth": "0: one Linear per output head (official default); k: the official k-layer MLP heads",
     "kernels": "auto | torch | triton | cuda", "attention": "attention backend (auto picks the fastest)",
     "compile_blocks": "true: torch.compile the element-wise work of each block (LayerNorm, GELU, residuals); not with ZeRO-3",
     "data": "synthetic, or WebDataset shards 'dir/{00000..00099}.tar' (several joined with ::)",
@@ -277,7 +285,8 @@ HELP = {
 GROUPS = {
     "model (the M3AEConfig fields below override the preset's)": (
         "preset", "image_mask_ratio", "text_mask_ratio", "mask_sharing", "image_loss_weight", "text_loss_weight",
-        "norm_pix_loss", "kernels", "attention", "compile_blocks"),
+        "norm_pix_loss", "image_all_token_loss", "text_all_token_loss", "output_head_depth", "kernels", "attention",
+        "compile_blocks"),
     "data": ("data", "modality", "unpaired_text_data", "unpaired_text_loss_weight", "paired_fraction",
              "random_drop_text", "unpaired_image_data", "unpaired_image_ratio", "dataset_size", "num_workers"),
     "optimisation and schedule": ("batch_size", "grad_accum", "steps", "epochs", "base_lr", "warmup_steps",

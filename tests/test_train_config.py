@@ -13,7 +13,8 @@ from m3ae_engine.trainer import check_data
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "batch_size must be a positive integer"),
     (["--preset", "giant"], "preset must be one of"),
-    (["--image-mask-ratio", "1.0"], "image_mask_ratio must be in [0, 1)"),
+    (["--image-mask-ratio", "1.5"], "image_mask_ratio must be in [0, 1]"),
+    (["--image-mask-ratio", "0.0"], "masks none of the 16 image patches"),
     (["--mask-sharing", "device"], "mask_sharing must be 'sample' or 'batch'"),
     (["--text-loss-weight", "-1"], "text_loss_weight must be >= 0"),
     (["--kernels", "fast"], "kernels must be one of"),

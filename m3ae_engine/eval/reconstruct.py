@@ -142,6 +142,7 @@ def reconstruct(model, images: torch.Tensor, captions: Optional[List[str]] = Non
         index = out.text_target_index.cpu()
         weight = out.text_row_weight.cpu()
         ids = text.clone()
+        text_mask = out.text_mask.cpu()  # [B, Lt] 1 = masked (the loss rows cover every token with text_all_token_loss)
         predicted = {}
         for r in range(index.shape[0]):
             if weight[r] > 0:
@@ -153,7 +154,7 @@ def reconstruct(model, images: torch.Tensor, captions: Optional[List[str]] = Non
                 if pad[i, j] > 0:
                     continue
                 k = i * c.text_length + j
-                toks.append({"target": int(ids[i, j]), "masked": k in predicted, "pred": predicted.get(k)})
+                toks.append({"target": int(ids[i, j]), "masked": bool(text_mask[i, j] > 0), "pred": predicted.get(k)})
             texts.append(toks)
     return {"panels": panels, "image_mse": per_sample_mse, "texts": texts, "text_ids": text,
             "image_loss": None if out.image_loss is None else float(out.image_loss),
