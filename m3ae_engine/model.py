@@ -27,6 +27,7 @@ from .config import M3AEConfig
 from .heads import OutputHead, official_init_
 from .masking import MaskingPlan, build_plan
 from .pos_embed import position_table
+from .pretrained import PretrainedMixin
 from .reference import normalize_image, patchify
 
 
@@ -138,7 +139,7 @@ class M3AEOutput:
         return full.scatter(1, self.image_masked_positions[..., None].expand(b, lm, p), self.image_prediction)
 
 
-class M3AE(nn.Module):
+class M3AE(PretrainedMixin, nn.Module):
     def __init__(self, config: M3AEConfig):
         super().__init__()
         if not isinstance(config, M3AEConfig):

@@ -107,8 +107,43 @@ def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro
     device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
     return build_loader(split_sources(cfg.data), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
-                        world_size=info.world_size, num_workers=cfg.num_workers, device=device,
+                        world_size=info.world_size, num_workers=capped_workers(cfg.num_workers, info), device=device,
                         modality="image" if cfg.modality == "image" else "paired", **drop)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's or Slurm's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def capped_workers(requested: int, info: DistInfo) -> int:
+    """DataLoader workers <= this rank's share of the available cores (more only oversubscribe them)."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cap = max(1, available_cores() // max(1, local_ranks))
+    if requested > cap:
+        if info.is_main:
+            print(f"note: --num-workers {requested} reduced to {cap}: {available_cores()} core(s) available to "
+                  f"{local_ranks} rank(s) on this machine", flush=True)
+        return cap
+    return requested
+
+
+def agree_output_dir(cfg: TrainConfig, info: DistInfo) -> None:
+    """Every rank writes where rank 0 does: the default output folder is named by the time each rank
+    parsed its arguments, which may differ by a second."""
+    if info.distributed and dist.is_available() and dist.is_initialized():
+        box = [cfg.output_dir]
+        dist.broadcast_object_list(box, src=0)
+        cfg.output_dir = box[0]
+
+
+def log_interval(cfg: TrainConfig, total_steps: int) -> int:
+    """--log-every, but about 10 updates at least for a run shorter than 10 intervals (a 20-step run
+    would otherwise show the first step's numbers until it ends)."""
+    return max(1, min(cfg.log_every, total_steps // 10))
 
 
 def build_unpaired(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int, modality: str):
@@ -127,7 +162,7 @@ def build_unpaired(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, m
     from .data import build_loader
     image_kw = {}
     if modality == "image":
-        image_kw = dict(num_workers=cfg.num_workers,
+        image_kw = dict(num_workers=capped_workers(cfg.num_workers, info),
                         device=f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     return build_loader(split_sources(spec), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed + offset,
@@ -325,6 +360,7 @@ def _train(cfg: TrainConfig, held: list) -> dict:
             p.requires_grad_(False)
     n_params = model.num_parameters()  # before ZeRO-3 partitions the weights away
     runtime = build_runtime(model, cfg, info, device)
+    agree_output_dir(cfg, info)
     if hasattr(runtime, "local_numel"):  # every rank: shows the ZeRO-3 split (and the tests read it)
         print(f"rank {info.rank}: holds {runtime.local_numel()} of {n_params} parameters", flush=True)
     data = build_data(cfg, model_config, info, micro, build_loader)
@@ -378,7 +414,9 @@ def _train(cfg: TrainConfig, held: list) -> dict:
         return {"losses": {}, "first": None, "last": None, "step": start, "skipped_steps": int(bad_total),
                 "stopped": "complete", "runtime": runtime}
 
-    log = Logger(info.is_main, total, start, cfg.output_dir, cfg.tensorboard)
+    log = Logger(info.is_main, total, start, cfg.output_dir, cfg.tensorboard, wandb_project=cfg.wandb_project,
+                 wandb_name=cfg.wandb_name, wandb_config=cfg.to_dict())
+    every = log_interval(cfg, total)
     if info.is_main:
         if out_dir:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,6 +426,7 @@ def _train(cfg: TrainConfig, held: list) -> dict:
                   f"runtime={runtime.kind} world={info.world_size} batch={cfg.batch_size} steps={total} "
                   f"peak_lr={cfg.peak_lr:.2e}" + (f" resumed_from={resume_path}" if resume_path else ""))
         log.print("config: " + json.dumps(cfg.to_dict(), sort_keys=True))
+        log.print(log.outputs_line())
         if runtime.kind == "deepspeed":
             log.print("deepspeed config: " + json.dumps(runtime.ds_config, sort_keys=True))
 
@@ -449,7 +488,7 @@ def _train(cfg: TrainConfig, held: list) -> dict:
             seen_log += cfg.batch_size
             log.advance()
 
-            if step % cfg.log_every == 0 or step == total or step == start + 1:
+            if step % every == 0 or step == total or step == start + 1:
                 vals = _all_reduce(acc.clone()) / info.world_size  # the global batch's losses
                 loss, img, txt, unpaired_loss, unpaired_image_loss = vals.tolist()  # one host sync for all
                 grad_norm, skipped = torch.stack([norm.float().to(device), bad_total.float()]).tolist()
@@ -467,7 +506,9 @@ def _train(cfg: TrainConfig, held: list) -> dict:
                 if peak is not None and cfg.modality == "paired":
                     metrics["mfu"] = flops_fn(batch["text_padding_mask"]) * rate / (peak * info.world_size)
                 losses[step] = loss
-                log.log(metrics)
+                # the bar shows the lr the next step applies: step 0 of a warm-up applies 0 by the formula
+                log.log(metrics, display_lr=warmup_cosine(step, total, warmup, cfg.peak_lr, end_lr=cfg.end_lr)
+                        if step < total else lr)
                 signalled = torch.tensor(float(stop.signum is not None), device=device)
                 if float(_all_reduce(signalled, dist.ReduceOp.MAX if dist.is_initialized() else None)) > 0:
                     stopped = "signal"
@@ -507,6 +548,8 @@ def _train(cfg: TrainConfig, held: list) -> dict:
     if info.is_main and first is not None:
         print(f"done: loss {first:.4f} -> {last:.4f} in {time.perf_counter() - t0:.1f}s "
               f"({int(bad_total)} skipped steps)", flush=True)
+    if info.is_main:
+        print(log.outputs_line(final=True), flush=True)
     result = {"losses": losses, "first": first, "last": last, "step": step, "skipped_steps": int(bad_total),
               "stopped": stopped, "runtime": runtime}
     if stopped == "non-finite":

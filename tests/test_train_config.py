@@ -96,7 +96,7 @@ def test_ds_config_filled_from_the_run(tmp_path):
 
 
 def test_shipped_yaml_configs_parse():
-    cfg = parse(["--config", "configs/tiny.yaml"])
+    cfg = parse(["--config", "configs/tiny.yaml", "--output-dir", "none"])
     assert cfg == TrainConfig(base_lr=1.5e-3)  # the file spells out the no-argument default run
     cfg = parse(["--config", "configs/m3ae_base.yaml", "--data", "synthetic"])
     assert (cfg.total_steps, cfg.total_warmup_steps) == (244141, 12207) and cfg.peak_lr == pytest.approx(2.4e-3)
