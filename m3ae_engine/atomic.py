@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 
 def atomic_write(path, write: Callable[[Path], None]) -> Path:
@@ -24,3 +24,11 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_stream(path, write: Callable[[BinaryIO], None]) -> Path:
+    """`write(f)` fills an open binary file (e.g. `fig.savefig(f)`, `torch.save(obj, f)`), atomically."""
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+    return atomic_write(path, fill)

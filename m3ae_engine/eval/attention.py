@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import html
-import io
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_stream
 from ..attention import HALF_ONLY, AttentionBackendUnavailable, resolve_backend
 from .attention_maps import (SampleMaps, attention_rollout, caption_words, encoder_attention, head_average,
                              max_encoder_difference, resolve_layers, sample_maps)
@@ -44,16 +43,6 @@ class AttentionPathMismatch(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ files
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """write(f) into PATH.tmp, fsync, rename: a reader never sees a half-written file at PATH."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------ compute
 def _check_tolerance(model, device) -> float:
     c = model.config
@@ -142,11 +131,11 @@ def render_png(path: Path, image: torch.Tensor, maps: SampleMaps) -> None:
     ax.set_axis_off()
     for x, y, text, size in texts:
         ax.text(x, y, text, ha="center", va="bottom" if size < 12 else "center", fontsize=size)
-    _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write_stream(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def save_npz(path: Path, maps: SampleMaps) -> None:
-    _write_atomic(path, lambda f: np.savez(f, labels=np.array(maps.labels), layers=np.array(maps.layers),
+    atomic_write_stream(path, lambda f: np.savez(f, labels=np.array(maps.labels), layers=np.array(maps.layers),
                                            layer_maps=maps.layer_maps, rollout_maps=maps.rollout_maps))
 
 
@@ -173,7 +162,7 @@ its maximum); its title gives the share of the row's attention that lands on ima
 {chr(10).join(sections)}
 </body></html>
 """
-    _write_atomic(path, lambda f: f.write(page.encode("utf-8")))
+    atomic_write_stream(path, lambda f: f.write(page.encode("utf-8")))
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -251,7 +240,7 @@ def main(argv=None) -> int:
     meta = {"checkpoint": args.checkpoint, "samples": len(entries), "layers": ", ".join(map(str, layers)),
             "encoder depth": c.depth, "heads": c.num_heads, "image-only": image_only}
     write_html(out / "index.html", entries, meta)
-    _write_atomic(out / "attention.json", lambda f: f.write(json.dumps({**meta, "samples": entries}, indent=2)
+    atomic_write_stream(out / "attention.json", lambda f: f.write(json.dumps({**meta, "samples": entries}, indent=2)
                                                            .encode("utf-8")))
     print(f"wrote {len(entries)} sample PNGs and {out / 'index.html'}")
     return 0

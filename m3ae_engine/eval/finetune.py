@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write_stream, atomic_write_text
 from ..optim import scaled_lr, warmup_cosine
 from .features import ImageFolder, load_model
 from .linear_probe import topk_accuracy
@@ -71,20 +72,8 @@ RESUME_KEYS = ("recipe", "epochs", "blr", "min_lr", "warmup_epochs", "weight_dec
 
 
 # ------------------------------------------------------------------------------------------- files
-def atomic_write(path: Path, write) -> None:
-    """write(f) into PATH.tmp, fsync, rename over PATH: a crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -352,7 +341,7 @@ def run(args) -> dict:
         if rank == 0:
             payload = {"model": vit.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                        "history": history, "setup": setup}
-            atomic_write(ckpt_path, lambda f: torch.save(payload, f))
+            atomic_write_stream(ckpt_path, lambda f: torch.save(payload, f))
             write_json(out / "finetune.json", summary(args, cfg, history, peak_lr, len(train_ds), len(val_ds),
                                                       train_folder.classes, time.time() - t0))
         if world > 1:
@@ -363,7 +352,7 @@ def run(args) -> dict:
         meta = {"timm_kwargs": json.dumps(vit_kw), "head": cfg["head"], "classes": json.dumps(train_folder.classes),
                 "mean": json.dumps(list(mean)), "std": json.dumps(list(std)), "format": "pt"}
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in vit.state_dict().items()}
-        atomic_write(out / "classifier.safetensors", lambda f: f.write(save(tensors, metadata=meta)))
+        atomic_write_stream(out / "classifier.safetensors", lambda f: f.write(save(tensors, metadata=meta)))
         write_json(out / "finetune.json", result)
     return result
 
