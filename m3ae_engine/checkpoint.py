@@ -40,6 +40,8 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
+from .atomic import atomic_write_text
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -338,12 +340,7 @@ def truncate_metrics(path: Path, step: int) -> int:
             pass
         dropped += 1
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
     return dropped
 
 
