@@ -61,12 +61,12 @@ def _refusal(e: BaseException) -> str:
     return f"it would call {m.group(1)}" if m else "an object the weights-only unpickler does not allow"
 
 
-def load_weights_only(path, map_location="cpu"):
+def load_weights_only(path, map_location="cpu", mmap: bool = False):
     """torch.load restricted to tensors, numbers, strings and containers (weights_only=True): a pickle
     that would build any other object, and so could run code, is refused with a CheckpointError, as is
-    a truncated or corrupt file."""
+    a truncated or corrupt file. mmap: tensors stay on disk until touched (e.g. an unused optimizer state)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data, "
                               f"which could run code ({_refusal(e)})") from None

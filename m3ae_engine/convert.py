@@ -608,11 +608,11 @@ def _read_training_checkpoint(path: Path, config: Optional[M3AEConfig]):
                               f"export {path} model.safetensors")
     if config is None:
         config = M3AEConfig.from_dict(meta["model_config"])
+    from .checkpoint import CheckpointError, load_weights_only
     try:  # tensors and plain containers only; mmap: the optimizer state is not read into memory
-        state = torch.load(str(path / "state.pt"), map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError) as e:
-        raise ConversionError(f"{path / 'state.pt'}: not a readable train.py state "
-                              f"({str(e).splitlines()[0]})") from e
+        state = load_weights_only(path / "state.pt", mmap=True)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     sd = state.get("model") if isinstance(state, dict) else None
     if not isinstance(sd, dict):
         raise ConversionError(f"{path / 'state.pt'} holds no 'model' state dict")
