@@ -7,7 +7,9 @@
 No weights are hosted: `weights` is a local directory or file `M3AE.from_pretrained` reads (a run or
 converted directory, .safetensors, an official .pkl, an MAE .pth).
 """
-dependencies = ["torch", "numpy", "safetensors", "tokenizers", "yaml"]
+# what building / loading a model imports (torch.hub refuses to load when one is missing): the tokenizer
+# and YAML configs are for training and eval only
+dependencies = ["torch", "numpy", "safetensors"]
 
 
 def _model(preset: str, weights=None, **overrides):
