@@ -349,7 +349,7 @@ def consolidated_state_dict(path: Path) -> dict:
     """fp32 full model weights from a checkpoint of any runtime / ZeRO stage (CPU only, no process group)."""
     path = Path(path)
     if (path / "state.pt").is_file():
-        state = load_weights_only(path / "state.pt")
+        state = load_weights_only(path / "state.pt", mmap=True)  # the optimizer state stays on disk
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise CheckpointError(f"{path / 'state.pt'}: no 'model' state dict in it")
         state = state["model"]
