@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -64,8 +65,10 @@ def _refusal(e: BaseException) -> str:
 def load_weights_only(path, map_location="cpu", mmap: bool = False):
     """torch.load restricted to tensors, numbers, strings and containers (weights_only=True): a pickle
     that would build any other object, and so could run code, is refused with a CheckpointError, as is
-    a truncated or corrupt file. mmap: tensors stay on disk until touched (e.g. an unused optimizer state)."""
+    a truncated or corrupt file. mmap: tensors stay on disk until touched (e.g. an unused optimizer state);
+    only torch's zip format can be mapped, so another file is read whole (and judged as without mmap)."""
     try:
+        mmap = mmap and zipfile.is_zipfile(path)
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data, "
