@@ -166,9 +166,10 @@ def unshuffle(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddings:
     out_dtype = visible.dtype
     is_tok = (kind == KIND_IMAGE) | (kind == KIND_TEXT)
     kind_c = kind.clamp(0, 1)
-    # a zero row behind the visible ones: rows without a visible token read it (and T = 0 stays indexable)
-    padded = torch.cat([visible.float(), visible.new_zeros(1, visible.shape[-1], dtype=torch.float32)])
-    picked = padded[torch.where(vis >= 0, vis, visible.shape[0])]
+    if visible.shape[0]:  # rows without a visible token (vis -1) read row 0; torch.where drops it below
+        picked = visible[vis.clamp_min(0)].float()
+    else:  # T = 0 (keep count 0, no CLS row): nothing to index, every row is a mask token, CLS or filler
+        picked = visible.new_zeros(vis.shape[0], visible.shape[-1], dtype=torch.float32)
     base = torch.where((vis >= 0).unsqueeze(-1), picked, mask_tokens.float()[kind_c])
     if type_embeddings is not None:
         base = base + torch.where(is_tok.unsqueeze(-1), type_embeddings.float()[kind_c], 0.0)
