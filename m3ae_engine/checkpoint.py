@@ -36,7 +36,7 @@ import shutil
 import sys
 import zipfile
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -62,14 +62,16 @@ def _refusal(e: BaseException) -> str:
     return f"it would call {m.group(1)}" if m else "an object the weights-only unpickler does not allow"
 
 
-def load_weights_only(path, map_location="cpu", mmap: bool = False):
+def load_weights_only(path, map_location="cpu", mmap: bool = False, allow: Sequence[type] = ()):
     """torch.load restricted to tensors, numbers, strings and containers (weights_only=True): a pickle
     that would build any other object, and so could run code, is refused with a CheckpointError, as is
     a truncated or corrupt file. mmap: tensors stay on disk until touched (e.g. an unused optimizer state);
-    only torch's zip format can be mapped, so another file is read whole (and judged as without mmap)."""
+    only torch's zip format can be mapped, so another file is read whole (and judged as without mmap).
+    allow: further plain classes the file may hold (e.g. the argparse.Namespace of an MAE .pth)."""
     try:
         mmap = mmap and zipfile.is_zipfile(path)
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data, "
                               f"which could run code ({_refusal(e)})") from None

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import math
-import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -502,12 +501,11 @@ def to_timm_state_dict(sd: Dict[str, torch.Tensor], config: M3AEConfig) -> Dict[
 # ---------------------------------------------------------------------------------------------
 def _torch_load(path):
     import argparse as _ap
-    try:
-        with torch.serialization.safe_globals([_ap.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConversionError(f"{path}: torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}); "
-                              f"re-save the state dict alone") from e
+    from .checkpoint import CheckpointError, load_weights_only
+    try:  # an MAE .pth keeps its run's argparse.Namespace beside the weights
+        return load_weights_only(path, allow=[_ap.Namespace])
+    except CheckpointError as e:  # refused (it would run code), truncated or corrupt: one line
+        raise ConversionError(str(e)) from None
 
 
 def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -396,3 +396,15 @@ def test_inspect_and_convert_a_training_checkpoint_directory(tmp_path, capsys):
     assert "runtime deepspeed" in capsys.readouterr().out
     assert main(["to-torch", str(ds), str(tmp_path / "x")]) == 2
     assert "m3ae_engine.checkpoint export" in capsys.readouterr().err
+
+
+def test_truncated_torch_file_is_a_one_line_error(tmp_path, capsys):
+    good = tmp_path / "mae.pth"
+    torch.save({"model": {"cls_token": torch.ones(1, 1, 8)}}, good)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(good.read_bytes()[:64])
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: unreadable, truncated or corrupt") and err.count("\n") == 1, err
+    with pytest.raises(ConversionError, match="unreadable, truncated or corrupt"):
+        load_model(bad)
