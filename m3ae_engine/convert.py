@@ -666,12 +666,19 @@ def read_checkpoint(path, config: Optional[M3AEConfig] = None, **overrides
     elif suffix in (".pkl", ".pickle"):
         return _read_official(path, config, overrides)
     elif suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:  # one open: tensors and the config metadata
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        if config is None and "m3ae_config" in meta:
-            config = M3AEConfig.from_dict(json.loads(meta["m3ae_config"]))
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), "pt") as f:  # one open: tensors and the config metadata
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            if config is None and "m3ae_config" in meta:
+                config = M3AEConfig.from_dict(json.loads(meta["m3ae_config"]))
+        except ConfigError:
+            raise
+        except (SafetensorError, OSError, ValueError) as e:  # a torn file or a mangled config in its metadata
+            raise ConversionError(f"{path}: unreadable, truncated or corrupt safetensors file "
+                                  f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                                  ) from None
     elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
         obj = _torch_load(path)
         if not isinstance(obj, dict):

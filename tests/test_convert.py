@@ -408,3 +408,8 @@ def test_truncated_torch_file_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith(f"error: {bad}: unreadable, truncated or corrupt") and err.count("\n") == 1, err
     with pytest.raises(ConversionError, match="unreadable, truncated or corrupt"):
         load_model(bad)
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(good.read_bytes()[:64])
+    assert main(["inspect", str(bad_st)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad_st}: unreadable, truncated or corrupt") and err.count("\n") == 1, err
