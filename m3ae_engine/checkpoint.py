@@ -41,7 +41,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write, atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -368,13 +368,12 @@ def consolidated_state_dict(path: Path) -> dict:
 
 
 def save_exported(state_dict: dict, model_config: dict, out: Path) -> None:
-    """Write fp32 CPU weights to a safetensors file (atomic rename) with the model config in its metadata."""
+    """Write fp32 CPU weights to a safetensors file (atomic: temp + fsync + rename) with the model config in
+    its metadata."""
     from safetensors.torch import save_file
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     state_dict = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(state_dict, str(tmp), metadata={"m3ae_config": json.dumps(model_config), "format": "pt"})
-    os.replace(tmp, out)
+    metadata = {"m3ae_config": json.dumps(model_config), "format": "pt"}
+    atomic_write(out, lambda tmp: save_file(state_dict, str(tmp), metadata=metadata))
 
 
 def export(checkpoint: Path, out: Path) -> Path:
