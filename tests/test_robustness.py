@@ -14,6 +14,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +140,15 @@ def test_one_run_per_output_dir(two_checkpoints, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- 3
+def test_jpeg_complete_is_the_marker_rule():
+    """The head-and-tail scan equals its definition: an EOI after the last SOS, and some SOS."""
+    rng = np.random.default_rng(0)
+    parts = [b"\xff\xd9", b"\xff\xda", b"\xff", b"\xd9", b"\xda", b"a"]
+    for _ in range(3000):
+        data = b"\xff\xd8\xff\xe0" + b"".join(parts[i] for i in rng.integers(0, len(parts), rng.integers(0, 10)))
+        assert jpeg_complete(data) == (data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0), data
+
+
 def test_truncated_and_corrupt_jpegs(tmp_path):
     paths, _ = write_test_shards(str(tmp_path), num_shards=1, per_shard=8, grey=(), cmyk=())
     jpg = members(paths[0])["000000002.jpg"]
