@@ -104,11 +104,16 @@ def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
                                 rank=info.rank, world_size=info.world_size, **drop)
-    device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
     return build_loader(split_sources(cfg.data), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
-                        world_size=info.world_size, num_workers=capped_workers(cfg.num_workers, info), device=device,
+                        world_size=info.world_size, **image_loader_options(cfg, info),
                         modality="image" if cfg.modality == "image" else "paired", **drop)
+
+
+def image_loader_options(cfg: TrainConfig, info: DistInfo) -> dict:
+    """Workers and decode device of a loader that decodes images: this rank's GPU, capped workers."""
+    return dict(num_workers=capped_workers(cfg.num_workers, info),
+                device=f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
 
 
 def available_cores() -> int:
@@ -160,10 +165,7 @@ def build_unpaired(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, m
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed + offset, rank=info.rank, world_size=info.world_size)
     from .data import build_loader
-    image_kw = {}
-    if modality == "image":
-        image_kw = dict(num_workers=capped_workers(cfg.num_workers, info),
-                        device=f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    image_kw = image_loader_options(cfg, info) if modality == "image" else {}
     return build_loader(split_sources(spec), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed + offset,
                         rank=info.rank, world_size=info.world_size, modality=modality, **image_kw)
