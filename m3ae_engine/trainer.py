@@ -274,7 +274,7 @@ def _take_output_dir(out_dir: Optional[Path], info: DistInfo, held: list) -> Non
     ranks before it changes anything in the folder."""
     if out_dir is None:
         return
-    error = None
+    error, kind = None, OutputDirInUse
     if info.is_main:
         try:
             lock = OutputDirLock(out_dir).acquire()
@@ -283,15 +283,17 @@ def _take_output_dir(out_dir: Optional[Path], info: DistInfo, held: list) -> Non
                 print(lock.note, flush=True)
         except OutputDirInUse as e:
             error = str(e)
+        except OSError as e:  # not creatable / writable: one line, and the other ranks must hear of it too
+            error, kind = f"cannot write into the output folder {out_dir}: {e.strerror or e}", ConfigError
     if dist.is_initialized():
         flag = torch.tensor([0.0 if error is None else 1.0])
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if error is None and flag.item() > 0:
-            error = f"{out_dir} is in use by another run (see rank 0's message)"
+            error = f"{out_dir} cannot be used by this run (see rank 0's message)"
     if error is not None:
-        raise OutputDirInUse(error)
+        raise kind(error)
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:

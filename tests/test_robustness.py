@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from m3ae_engine.checkpoint import CheckpointError, list_checkpoints, main as ckpt_main
+from m3ae_engine.config import ConfigError
 from m3ae_engine.data import build_loader, dali_available
 from m3ae_engine.data.shards import main as shards_main
 from m3ae_engine.data.sources import DataError, expand_sources
@@ -113,6 +114,13 @@ def test_deepspeed_files_load_weights_only(tmp_path):
 # ---------------------------------------------------------------------------------------------- 2
 def _snapshot(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write into the output folder .*file/run") as e:
+        run(tmp_path / "file" / "run", steps=1)  # below a regular file: NotADirectoryError from mkdir
+    one_line(e)
 
 
 def test_one_run_per_output_dir(two_checkpoints, tmp_path, capsys):
