@@ -520,7 +520,9 @@ def _train(cfg: TrainConfig, held: list) -> dict:
             elif stop.signum is not None and not info.distributed:  # single process: react at once
                 stopped = "signal"
                 break
-            run_seen = bad_watch.update(bad_run_max)  # every step, not only at log steps
+            # every step, not only at log steps; the last step reads at once (the lagged CUDA read would
+            # miss a run of bad steps that reaches --max-bad-steps on the final step)
+            run_seen = int(bad_run_max) if step == total else bad_watch.update(bad_run_max)
             if run_seen >= cfg.max_bad_steps:
                 stopped = "non-finite"
                 log.print(f"error: {run_seen} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}) "

@@ -251,6 +251,25 @@ def test_max_bad_steps_acts_at_once_with_a_one_line_error(tmp_path, monkeypatch)
     assert [ln for ln in log.splitlines() if ln.startswith("error: 3 non-finite steps in a row at step 4")], log
 
 
+class _LaggedWatch:
+    """BadRunWatch as it behaves on CUDA (each step sees the previous step's count), on the CPU."""
+
+    def __init__(self, device):
+        self.prev = 0
+
+    def update(self, run_max):
+        seen, self.prev = self.prev, int(run_max)
+        return seen
+
+
+def test_max_bad_steps_reached_on_the_last_step_stops_with_the_lagged_watch_too(tmp_path, monkeypatch):
+    import m3ae_engine.trainer as trainer
+    monkeypatch.setattr(trainer, "BadRunWatch", _LaggedWatch)
+    monkeypatch.setenv("M3AE_INJECT_NAN_STEPS", "3,4,5")  # steps 4, 5, 6 of 6 are skipped
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row at step 6"):
+        run(tmp_path / "a", steps=6, log_every=100, max_bad_steps=3)
+
+
 # ---------------------------------------------------------------------------------------------- 7
 def _add_members(src, dst, extra):
     with tarfile.open(src) as s, tarfile.open(dst, "w") as d:
