@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from m3ae_engine import M3AE, M3AEConfig  # noqa: E402
+from m3ae_engine.atomic import atomic_write_text  # noqa: E402
 from m3ae_engine.data.loader import DECODERS as LOADER_DECODERS  # noqa: E402
 from m3ae_engine.flops import device_peak_tflops, m3ae_flops  # noqa: E402
 from m3ae_engine.optim import build_optimizer  # noqa: E402
@@ -519,10 +520,10 @@ def main(argv=None) -> dict:
                                              f"(p10-p90 {res['step_ms_p10']:.1f}-{res['step_ms_p90']:.1f})"
                                              if res["status"] == "ok" else f": {res.get('error', '')}"), flush=True)
         report.add_speedups(result)
-        json_path.write_text(json.dumps(result, indent=2, default=str))  # after every variant: a crash keeps results
+        atomic_write_text(json_path, json.dumps(result, indent=2, default=str))  # after every variant: a crash keeps results
 
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    json_path.write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(json_path, json.dumps(result, indent=2, default=str))
     md = report.markdown(result)
     (out_dir / f"{stem}.md").write_text(md)
     png = report.plot(result, out_dir / f"{stem}.png")

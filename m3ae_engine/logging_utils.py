@@ -91,6 +91,7 @@ class Logger:
         if self.wandb is not None:
             line += f"  W&B run: {self.wandb.dir}"
         return "; ".join([line] + self.notes)
+
     def print(self, msg: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(msg)

@@ -104,11 +104,16 @@ def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
                                 rank=info.rank, world_size=info.world_size, **drop)
-    device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
     return build_loader(split_sources(cfg.data), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
-                        world_size=info.world_size, num_workers=capped_workers(cfg.num_workers, info), device=device,
+                        world_size=info.world_size, **image_loader_options(cfg, info),
                         modality="image" if cfg.modality == "image" else "paired", **drop)
+
+
+def image_loader_options(cfg: TrainConfig, info: DistInfo) -> dict:
+    """Workers and decode device of a loader that decodes images: this rank's GPU, capped workers."""
+    return dict(num_workers=capped_workers(cfg.num_workers, info),
+                device=f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
 
 
 def available_cores() -> int:
@@ -160,10 +165,7 @@ def build_unpaired(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, m
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed + offset, rank=info.rank, world_size=info.world_size)
     from .data import build_loader
-    image_kw = {}
-    if modality == "image":
-        image_kw = dict(num_workers=capped_workers(cfg.num_workers, info),
-                        device=f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    image_kw = image_loader_options(cfg, info) if modality == "image" else {}
     return build_loader(split_sources(spec), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed + offset,
                         rank=info.rank, world_size=info.world_size, modality=modality, **image_kw)
@@ -272,7 +274,7 @@ def _take_output_dir(out_dir: Optional[Path], info: DistInfo, held: list) -> Non
     ranks before it changes anything in the folder."""
     if out_dir is None:
         return
-    error = None
+    error, kind = None, OutputDirInUse
     if info.is_main:
         try:
             lock = OutputDirLock(out_dir).acquire()
@@ -281,15 +283,17 @@ def _take_output_dir(out_dir: Optional[Path], info: DistInfo, held: list) -> Non
                 print(lock.note, flush=True)
         except OutputDirInUse as e:
             error = str(e)
+        except OSError as e:  # not creatable / writable: one line, and the other ranks must hear of it too
+            error, kind = f"cannot write into the output folder {out_dir}: {e.strerror or e}", ConfigError
     if dist.is_initialized():
         flag = torch.tensor([0.0 if error is None else 1.0])
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if error is None and flag.item() > 0:
-            error = f"{out_dir} is in use by another run (see rank 0's message)"
+            error = f"{out_dir} cannot be used by this run (see rank 0's message)"
     if error is not None:
-        raise OutputDirInUse(error)
+        raise kind(error)
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -516,7 +520,9 @@ def _train(cfg: TrainConfig, held: list) -> dict:
             elif stop.signum is not None and not info.distributed:  # single process: react at once
                 stopped = "signal"
                 break
-            run_seen = bad_watch.update(bad_run_max)  # every step, not only at log steps
+            # every step, not only at log steps; the last step reads at once (the lagged CUDA read would
+            # miss a run of bad steps that reaches --max-bad-steps on the final step)
+            run_seen = int(bad_run_max) if step == total else bad_watch.update(bad_run_max)
             if run_seen >= cfg.max_bad_steps:
                 stopped = "non-finite"
                 log.print(f"error: {run_seen} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}) "

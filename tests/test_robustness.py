@@ -14,10 +14,12 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from m3ae_engine.checkpoint import CheckpointError, list_checkpoints, main as ckpt_main
+from m3ae_engine.config import ConfigError
 from m3ae_engine.data import build_loader, dali_available
 from m3ae_engine.data.shards import main as shards_main
 from m3ae_engine.data.sources import DataError, expand_sources
@@ -114,6 +116,13 @@ def _snapshot(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write into the output folder .*file/run") as e:
+        run(tmp_path / "file" / "run", steps=1)  # below a regular file: NotADirectoryError from mkdir
+    one_line(e)
+
+
 def test_one_run_per_output_dir(two_checkpoints, tmp_path, capsys):
     out = _copy(two_checkpoints, tmp_path / "run")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -139,6 +148,15 @@ def test_one_run_per_output_dir(two_checkpoints, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- 3
+def test_jpeg_complete_is_the_marker_rule():
+    """The head-and-tail scan equals its definition: an EOI after the last SOS, and some SOS."""
+    rng = np.random.default_rng(0)
+    parts = [b"\xff\xd9", b"\xff\xda", b"\xff", b"\xd9", b"\xda", b"a"]
+    for _ in range(3000):
+        data = b"\xff\xd8\xff\xe0" + b"".join(parts[i] for i in rng.integers(0, len(parts), rng.integers(0, 10)))
+        assert jpeg_complete(data) == (data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0), data
+
+
 def test_truncated_and_corrupt_jpegs(tmp_path):
     paths, _ = write_test_shards(str(tmp_path), num_shards=1, per_shard=8, grey=(), cmyk=())
     jpg = members(paths[0])["000000002.jpg"]
@@ -231,6 +249,25 @@ def test_max_bad_steps_acts_at_once_with_a_one_line_error(tmp_path, monkeypatch)
     log = p.communicate(timeout=180)[0]
     assert p.returncode == 3 and "Traceback" not in log, log
     assert [ln for ln in log.splitlines() if ln.startswith("error: 3 non-finite steps in a row at step 4")], log
+
+
+class _LaggedWatch:
+    """BadRunWatch as it behaves on CUDA (each step sees the previous step's count), on the CPU."""
+
+    def __init__(self, device):
+        self.prev = 0
+
+    def update(self, run_max):
+        seen, self.prev = self.prev, int(run_max)
+        return seen
+
+
+def test_max_bad_steps_reached_on_the_last_step_stops_with_the_lagged_watch_too(tmp_path, monkeypatch):
+    import m3ae_engine.trainer as trainer
+    monkeypatch.setattr(trainer, "BadRunWatch", _LaggedWatch)
+    monkeypatch.setenv("M3AE_INJECT_NAN_STEPS", "3,4,5")  # steps 4, 5, 6 of 6 are skipped
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row at step 6"):
+        run(tmp_path / "a", steps=6, log_every=100, max_bad_steps=3)
 
 
 # ---------------------------------------------------------------------------------------------- 7

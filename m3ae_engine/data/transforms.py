@@ -69,7 +69,10 @@ def jpeg_complete(data: bytes) -> bool:
     passes: its decoder checks it."""
     if not is_jpeg(data):
         return True
-    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
+    # = rfind(EOI) > rfind(SOS) >= 0, reading only the tail after the last EOI and the header up to the first
+    # SOS instead of the whole entropy-coded body (DALI checks every image of every batch on the host)
+    eoi = data.rfind(b"\xff\xd9")
+    return eoi >= 0 and data.find(b"\xff\xda", eoi) < 0 and 0 <= data.find(b"\xff\xda", 0, eoi)
 
 
 def check_jpeg_complete(data: bytes) -> None:

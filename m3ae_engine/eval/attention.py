@@ -42,7 +42,6 @@ class AttentionPathMismatch(RuntimeError):
     """The plain path's encoder output is not the model's: its maps would describe another computation."""
 
 
-# ------------------------------------------------------------------------------------------ files
 # ------------------------------------------------------------------------------------------ compute
 def _check_tolerance(model, device) -> float:
     c = model.config

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import random
 import sys
 import time
@@ -134,19 +134,14 @@ def build_transforms(cfg: dict, image_size: int, mean, std):
 
 # --------------------------------------------------------------------------------------- distributed
 def init_distributed(device_name: Optional[str]):
-    """(rank, world, device) from torchrun's environment; NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA GPU is available")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
+    """(rank, world, device) from torchrun's environment (the trainer's rules: runtime.dist_from_env /
+    pick_device); NCCL on GPUs, gloo on CPUs."""
+    from ..runtime import dist_from_env, pick_device
+    info = dist_from_env()
+    device = pick_device(device_name, info)
+    if info.world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info.rank, info.world_size, device
 
 
 def all_sum(values, device) -> list:
@@ -201,14 +196,15 @@ def train_one_epoch(model, loader, optimizer, criterion, mixup, cfg, epoch, peak
             x, y = mixup(x, y)
         with autocast:
             loss = criterion(model(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {it}: lower --blr")
+        loss_value = loss.item()  # the step's one host sync (MAE's loop: loss.item() + math.isfinite)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch} step {it}: lower --blr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg["clip_grad"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
         optimizer.step()
-        loss_sum += loss.item()
+        loss_sum += loss_value
         n += 1
     total, count = all_sum([loss_sum, n], device)
     return {"train_loss": total / max(count, 1), "lr": lr}
