@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-COLUMNS = ("variant", "status", "batch", "samples/s", "step ms", "model TFLOP/s", "exec TFLOP/s",
+COLUMNS = ("variant", "status", "batch", "samples/s", "step ms (p10-p90)", "model TFLOP/s", "exec TFLOP/s",
            "MFU (bf16 peak)", "MFU (measured mm)", "peak mem GiB", "speed-up")
 
 
@@ -44,7 +44,8 @@ def rows(result: dict):
         status = r["status"] if ok else f"{r['status']}: {r.get('error', '')[:80]}"
         yield [r["variant"], status, str(r.get("batch_size", "-")),
                _fmt(r.get("samples_per_s") if ok else None, ".1f"),
-               _fmt(r.get("step_ms") if ok else None, ".1f"),
+               (f"{r['step_ms']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})" if ok and "step_ms_p10" in r
+                else _fmt(r.get("step_ms") if ok else None, ".1f")),
                _fmt(r.get("model_tflops") if ok else None, ".1f"),
                _fmt(r.get("executed_tflops") if ok else None, ".1f"),
                _fmt(100 * r["mfu_vs_peak"] if ok and r.get("mfu_vs_peak") is not None else None, ".1f", "%"),
@@ -78,6 +79,8 @@ def markdown(result: dict) -> str:
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
     ]
+    if result.get("note"):
+        lines[1:1] = ["", f"**{result['note']}**"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows(result)]
     backends = [f"`{r['variant']}`: kernels {r.get('kernels')}, attention {r.get('attention')}, "
                 f"packed {r.get('packed')}" for r in result["results"] if r.get("kernels")]

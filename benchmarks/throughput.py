@@ -5,6 +5,10 @@
     python benchmarks/throughput.py --preset base --batch-size 256 --steps 20
     python benchmarks/throughput.py --preset large --max-batch --variants reference,engine
 
+On a CPU the run is a SMOKE TEST of this script (tiny preset, fp32, no fused GPU kernels, attention on
+the math path): its numbers say nothing about GPU speed and it says so in its output. Results go to
+runs/benchmarks/ on a CPU and to the tracked benchmarks/results/ on a GPU, unless --out-dir says otherwise.
+
 Every variant times full training steps (forward, backward, AdamW step (fused on CUDA), bf16
 autocast on a GPU) after warm-up, with CUDA events around each step; the table reports the median.
 All variants start from the same weights and see the same pre-generated batches (random uint8
@@ -49,6 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from m3ae_engine import M3AE, M3AEConfig  # noqa: E402
+from m3ae_engine.atomic import atomic_write_text  # noqa: E402
 from m3ae_engine.data.loader import DECODERS as LOADER_DECODERS  # noqa: E402
 from m3ae_engine.flops import device_peak_tflops, m3ae_flops  # noqa: E402
 from m3ae_engine.optim import build_optimizer  # noqa: E402
@@ -65,6 +70,10 @@ VARIANTS: Dict[str, dict] = {
     "engine-padded": dict(kind="engine", overrides={"packed": False}),
     "engine-sdpa": dict(kind="engine", overrides={"attention": "sdpa"}),
 }
+
+CPU_NOTE = ("NOTE: CPU run = a smoke test of the benchmark code. The engine's speed comes from GPU kernels "
+            "(Triton/CUDA, FlashAttention varlen) that do not run here; CPU samples/s and speed-ups say nothing "
+            "about GPU speed. GPU numbers: benchmarks/results/.")
 
 # Caption lengths (BERT WordPiece tokens) of CC12M-like alt-text: lognormal, median 14, sigma 0.6,
 # rounded and clipped to [3, text_length]. Mean ~16.7 tokens at text_length 64 (printed per run).
@@ -245,7 +254,9 @@ def time_steps(runner: Runner, batches, steps: int, warmup: int, device: torch.d
     loss_values = [float(x) for x in losses]
     if not all(math.isfinite(v) for v in loss_values):
         raise FloatingPointError(f"non-finite loss: {loss_values}")
+    q = statistics.quantiles(step_ms, n=10) if len(step_ms) >= 2 else [step_ms[0]] * 9  # deciles
     return {"step_ms": statistics.median(step_ms), "step_ms_min": min(step_ms), "step_ms_max": max(step_ms),
+            "step_ms_p10": q[0], "step_ms_p90": q[-1], "timed_steps": len(step_ms),
             "wall_s": wall_s, "data_wait_ms": statistics.median(waits) * 1e3,
             "loss_first": loss_values[0], "loss_last": loss_values[-1]}
 
@@ -366,8 +377,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256 if cuda else 8)
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    p.add_argument("--steps", type=int, default=20 if cuda else 3, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=5 if cuda else 1)
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median and p10-p90 spread reported)")
+    p.add_argument("--warmup", type=int, default=5 if cuda else 3, help="untimed steps first")
     p.add_argument("--max-batch", action="store_true",
                    help="per variant: find the largest batch that fits (doubling from --batch-size, then "
                         "bisection), then time that batch")
@@ -386,7 +397,9 @@ def parse_args(argv=None):
                    help="seconds; variants not started by then are reported as skipped (0 = no limit)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out-dir", "--out", default=None,
+                   help="where the JSON/Markdown/PNG go (default: benchmarks/results on a GPU, the tracked GPU "
+                        "results; runs/benchmarks on a CPU)")
     p.add_argument("--tag", default="", help="appended to the output file names")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -439,6 +452,11 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.out_dir is None:
+        args.out_dir = str(ROOT / ("benchmarks/results" if device.type == "cuda" else "runs/benchmarks"))
+    smoke = CPU_NOTE if device.type != "cuda" else None
+    if smoke:
+        print(smoke, flush=True)
     t_start = time.perf_counter()
     base = M3AEConfig.from_preset(args.preset)
     torch.manual_seed(args.seed)
@@ -472,7 +490,7 @@ def main(argv=None) -> dict:
              "model_breakdown_per_sample": m3ae_flops(base, lengths, breakdown=True)}
     executed = {"reference": flops["reference_per_sample"], "engine-padded": flops["padded_per_sample"]}
 
-    result = {"meta": env, "args": vars(args), "preset": args.preset, "config": base.to_dict(),
+    result = {"meta": env, "args": vars(args), "preset": args.preset, "config": base.to_dict(), "note": smoke,
               "precision": "bf16 autocast" if device.type == "cuda" else "fp32 (CPU)",
               "captions": dist, "data": data_info, "matmul": matmul, "peak_bf16_tflops": peak, "flops": flops,
               "num_parameters": sum(v.numel() for v in init_state.values()), "results": []}
@@ -498,19 +516,22 @@ def main(argv=None) -> dict:
             res["mfu_vs_measured_matmul"] = res["model_tflops"] / matmul["tflops"]
             res["mfu_vs_peak"] = res["model_tflops"] / peak if peak else None
         result["results"].append(res)
-        print(f"[{name}] {res['status']}" + (f": {res['samples_per_s']:.1f} samples/s, {res['step_ms']:.1f} ms"
+        print(f"[{name}] {res['status']}" + (f": {res['samples_per_s']:.1f} samples/s, {res['step_ms']:.1f} ms "
+                                             f"(p10-p90 {res['step_ms_p10']:.1f}-{res['step_ms_p90']:.1f})"
                                              if res["status"] == "ok" else f": {res.get('error', '')}"), flush=True)
         report.add_speedups(result)
-        json_path.write_text(json.dumps(result, indent=2, default=str))  # after every variant: a crash keeps results
+        atomic_write_text(json_path, json.dumps(result, indent=2, default=str))  # after every variant: a crash keeps results
 
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    json_path.write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(json_path, json.dumps(result, indent=2, default=str))
     md = report.markdown(result)
     (out_dir / f"{stem}.md").write_text(md)
     png = report.plot(result, out_dir / f"{stem}.png")
     print(f"\nwrote {json_path}" + (f", {png}" if png else " (no PNG: matplotlib missing)") +
           f", {out_dir / (stem + '.md')}\n", flush=True)
     print(md, flush=True)
+    if smoke:
+        print(smoke, flush=True)
     result["json_path"] = str(json_path)
     return result
 

@@ -136,7 +136,8 @@ def unshuffle_op(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddin
     br, bd = row_blocks(d, r)
     mask_tokens = mask_tokens.contiguous()
     _unshuffle_fwd_kernel[(triton.cdiv(r, br), triton.cdiv(d, bd))](
-        visible, mask_tokens,
+        visible if t > 0 else mask_tokens,  # no visible row (keep count 0): never read; avoid an empty buffer
+        mask_tokens,
         type_embeddings.contiguous() if type_embeddings is not None else mask_tokens,
         pos_table.contiguous() if pos_table is not None else mask_tokens,
         row_visible.contiguous(), row_kind.contiguous(), row_pos.contiguous(), out, r, d,

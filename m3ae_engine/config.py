@@ -53,11 +53,14 @@ class M3AEConfig:
     use_type_embedding: bool = True
     layer_norm_eps: float = 1e-6
     gelu: str = "tanh"  # "tanh" (flax default, official) | "exact"
+    output_head_depth: int = 0  # official: 0 = one Linear per head; k > 0 = the official MLP heads (heads.py)
     # losses
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5  # paper: 0.5; the official code's default flag is 0.1
     unpaired_text_loss_weight: float = 0.0
     norm_pix_loss: bool = False  # MAE's per-patch normalised target; off for M3AE, on for MAE
+    image_all_token_loss: bool = False  # official flag: pixel loss over every patch, not only the masked ones
+    text_all_token_loss: bool = False  # official flag: word loss over every non-padded token, not only masked
     image_mean: Tuple[float, float, float] = CC12M_MEAN
     image_std: Tuple[float, float, float] = CC12M_STD
     # implementation choices (no effect on the math)
@@ -151,13 +154,21 @@ class M3AEConfig:
              f"text_length must be >= 1, got {self.text_length!r}")
         for name in ("image_mask_ratio", "text_mask_ratio"):
             r = getattr(self, name)
-            need(isinstance(r, (int, float)) and 0.0 <= r < 1.0, f"{name} must be in [0, 1), got {r!r}")
-        need(self.image_keep >= 1, f"image_mask_ratio {self.image_mask_ratio} keeps no image patch "
-             f"of {self.num_patches}; lower it")
-        need(self.text_keep >= 1, f"text_mask_ratio {self.text_mask_ratio} keeps no text position "
-             f"of {self.text_length}; lower it")
+            need(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r <= 1.0,
+                 f"{name} must be in [0, 1], got {r!r}")
+        # keeping nothing (ratio 1: the decoder predicts from the other modality / CLS alone) runs as the
+        # official code does. Masking no patch leaves the official masked pixel loss 0/0 = NaN: only the
+        # all-token loss has something to reconstruct then. (No masked text gives the official text loss 0.)
+        need(self.image_keep < self.num_patches or self.image_all_token_loss,
+             f"image_mask_ratio {self.image_mask_ratio} masks none of the {self.num_patches} image patches, so "
+             f"the pixel loss has nothing to reconstruct; raise image_mask_ratio or set image_all_token_loss")
+        for name in ("image_all_token_loss", "text_all_token_loss"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         need(self.mask_sharing in ("sample", "batch"),
              f"mask_sharing must be 'sample' or 'batch', got {self.mask_sharing!r}")
+        need(isinstance(self.output_head_depth, int) and not isinstance(self.output_head_depth, bool)
+             and self.output_head_depth >= 0,
+             f"output_head_depth must be an integer >= 0, got {self.output_head_depth!r}")
         need(self.gelu in ("tanh", "exact"), f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
         need(self.kernels in ("auto", "torch", "triton", "cuda"),
              f"kernels must be one of auto, torch, triton, cuda; got {self.kernels!r}")

@@ -1,15 +1,22 @@
 """Checkpoint conversion and loading: official M3AE (JAX/Flax pickles), facebookresearch/mae `.pth`,
 timm export, safetensors in and out.
 
-    python -m m3ae_engine.convert m3ae-to-torch  model.pkl  OUT_DIR  [--image-size 256 --text-length 64]
+    python -m m3ae_engine.convert m3ae-to-torch  model.pkl  OUT_DIR
     python -m m3ae_engine.convert torch-to-m3ae  CKPT       OUT.pkl
     python -m m3ae_engine.convert mae-to-torch   mae_visualize_vit_large.pth OUT_DIR
     python -m m3ae_engine.convert to-timm        CKPT       OUT.safetensors
     python -m m3ae_engine.convert inspect        ANY_CHECKPOINT
 
 OUT_DIR receives `model.safetensors` + `config.json`, the layout `train.py --output-dir` writes, which
-`load_model` (and every eval command) reads. CKPT is such a directory, a `.safetensors` file with a
-`config.json` beside it, a torch file, an official pickle or an MAE `.pth`.
+`load_model` (and every eval command) reads. CKPT is such a directory, a training checkpoint directory
+(`RUN/checkpoints/step_N`), a `.safetensors` file with a `config.json` beside it, a torch file, an
+official pickle or an MAE `.pth`.
+
+Official pickles (as `m3ae_main.py` writes them, optimizer and cloudpickled optax functions included) are
+read without JAX/flax and without running code from the file (official_pickle.py). Their model config
+comes from the checkpoint's own flags (`variant`, resolved as the official `get_default_config`:
+official_variant.py) and is checked against the tensor shapes; what neither states is an error that names
+the flag to pass (`--num-heads`, `--image-size`, ...).
 
 Numerics (facts of the sources):
 - Flax Dense kernels are [in, out]; a torch Linear weight is kernel.T. The official qkv Dense lays its
@@ -17,20 +24,15 @@ Numerics (facts of the sources):
 - Patches are flattened in (p, p, c) order; a conv patch embedding [D, C, p, p] becomes a Linear on
   flattened patches by permuting to [D, p, p, C].
 - LayerNorm eps 1e-6; GELU tanh for official M3AE, exact GELU for facebookresearch/mae.
-
-Official pickles are read without JAX/flax: classes of flax/optax/jax are replaced by inert stand-ins
-(only numpy arrays, builtin containers and the stand-ins are ever constructed, so loading executes no
-code from the pickle).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import pickle
 import re
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -38,12 +40,16 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .config import ENCODER_PRESETS, M3AEConfig
+from .atomic import atomic_write, atomic_write_text
+from .config import ENCODER_PRESETS, ConfigError, M3AEConfig
+from .heads import official_head_keys
+from .official_pickle import OfficialCheckpointError, read_official_checkpoint, write_official_pickle
+from .official_variant import TRAINING_FIELDS, VariantError, fields_from_variant, variant_from_config
 from .pos_embed import sincos_2d
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# encoder width -> heads of the official presets (M3AE and MAE agree); decoder always 16 heads
+# encoder width -> heads of the MAE presets (facebookresearch/mae .pth files carry no config)
 HEADS_BY_WIDTH = {v["emb_dim"]: v["num_heads"] for k, v in ENCODER_PRESETS.items() if k != "tiny"}
 
 
@@ -57,6 +63,8 @@ class ConversionError(ValueError):
 @dataclass
 class ConversionReport:
     source: str
+    about: List[str] = field(default_factory=list)  # what the source is: step, flags, optimizer, ...
+    step: Optional[int] = None  # training step the source records, if any
     converted: List[str] = field(default_factory=list)  # target names filled from the source
     missing: List[str] = field(default_factory=list)  # required source entries that are absent
     unexpected: List[str] = field(default_factory=list)  # source entries nothing maps to
@@ -77,7 +85,8 @@ class ConversionReport:
                 shown.append(f"    ... and {len(items) - limit} more")
             return [f"  {title} ({len(items)}):"] + shown
 
-        lines = [f"conversion from {self.source}: {len(self.converted)} tensors converted"]
+        lines = [f"source: {self.source}"] + [f"  {a}" for a in self.about]
+        lines += [f"conversion: {len(self.converted)} tensors converted"]
         lines += block("MISSING in the source", self.missing)
         lines += block("UNEXPECTED in the source", self.unexpected)
         lines += block("SHAPE MISMATCH", self.shape_mismatch)
@@ -86,99 +95,21 @@ class ConversionReport:
         return "\n".join(lines)
 
     def raise_if_errors(self, allow_unexpected: bool = False) -> None:
-        bad = self.missing or self.shape_mismatch or (self.unexpected and not allow_unexpected)
-        if bad:
-            raise ConversionError(str(self))
+        """One line: how many tensors are missing / unexpected / mis-shaped, with the first of each (the
+        report, `str(self)` or `inspect`, lists them all)."""
+        groups = [("missing", self.missing), ("mis-shaped", self.shape_mismatch)]
+        if not allow_unexpected:
+            groups.append(("unexpected", self.unexpected))
+        parts = [f"{len(items)} {what} ({'; '.join(items[:2])}{'; ...' if len(items) > 2 else ''})"
+                 for what, items in groups if items]
+        if parts:
+            raise ConversionError(f"{self.source}: cannot convert: {', '.join(parts)} tensors")
 
 
 def _np(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().float().numpy()
     return np.asarray(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# official pickles without JAX
-# ---------------------------------------------------------------------------------------------
-class _Standin:
-    """Inert replacement for a class or function of a package we do not import (flax, optax, jax)."""
-    _qualname = "?"
-
-    def __init__(self, *args, **kwargs):
-        self._args, self._kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self._state = state
-
-    def __repr__(self):
-        return f"<stand-in for {self._qualname}>"
-
-
-_NUMPY_NAMES = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer", "frombuffer"}
-_BUILTIN_NAMES = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
-                  "bytearray", "bool", "slice", "range", "object"}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        root = module.split(".")[0]
-        if root == "numpy" and name in _NUMPY_NAMES:
-            return super().find_class(module, name)
-        if module == "builtins" and name in _BUILTIN_NAMES:
-            return super().find_class(module, name)
-        if (module, name) in {("collections", "OrderedDict"), ("copyreg", "_reconstructor"),
-                              ("types", "SimpleNamespace"), ("codecs", "encode")}:
-            return super().find_class(module, name)
-        return type(name, (_Standin,), {"_qualname": f"{module}.{name}"})
-
-
-def _plain(obj):
-    """Turn stand-ins (FrozenDict, TrainState, jax arrays) into dicts / numpy arrays, recursively."""
-    if isinstance(obj, _Standin):
-        args = getattr(obj, "_args", ())
-        state = getattr(obj, "_state", None)
-        for a in args:  # FrozenDict(dict) or a reconstructed array
-            if isinstance(a, (dict, np.ndarray)):
-                return _plain(a)
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
-            state = state[1]  # (dict_state, slots_state)
-        if isinstance(state, dict):
-            return {k: _plain(v) for k, v in state.items()}
-        d = {k: _plain(v) for k, v in vars(obj).items() if not k.startswith("_")}
-        return d or obj
-    if isinstance(obj, types.SimpleNamespace):
-        return {k: _plain(v) for k, v in vars(obj).items()}
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj) if not hasattr(obj, "_fields") else obj
-    return obj
-
-
-def load_pickle(path) -> object:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        try:
-            return _plain(_SafeUnpickler(f).load())
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
-            raise ConversionError(f"{path} is not a readable pickle of numpy arrays: {e}") from e
-
-
-def find_params_tree(obj) -> dict:
-    """The Flax parameter tree inside an official checkpoint: `state.params['params']`, or a bare tree."""
-    candidates = [("state", "params", "params"), ("state", "params"), ("params", "params"), ("params",), ()]
-    for path in candidates:
-        node = obj
-        for k in path:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and ("image_embedding" in node or "encoder" in node
-                                       or "text_embedding" in node):
-            return node
-    top = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-    raise ConversionError(f"no official M3AE parameter tree found (looked for state.params['params'] with "
-                          f"'encoder', 'image_embedding'); top level holds: {top}")
 
 
 def flatten_tree(tree: dict, prefix: str = "") -> Dict[str, np.ndarray]:
@@ -241,8 +172,9 @@ def official_name_map(config: M3AEConfig, with_text: bool = True) -> List[Tuple[
             dense(f"{s}/TransformerMLP_0/fc2", f"{t}.mlp.fc2")
         ln(f"{stack}/LayerNorm_0", f"{stack}_norm")
     dense("decoder_input_projection", "decoder_input_projection")
-    dense("decoder_image_output/Dense_0", "decoder_image_output")
-    dense("decoder_text_output/Dense_0", "decoder_text_output")
+    for head in ("decoder_image_output", "decoder_text_output"):  # official MLP heads (Dense_0 alone at depth 0)
+        m += [(src, dst, "dense" if transpose else "copy")
+              for dst, src, transpose in official_head_keys(head, config.output_head_depth)]
     if not with_text:
         m = [e for e in m if not e[0].startswith(TEXT_OFFICIAL)]
     return m
@@ -253,37 +185,100 @@ def _count_blocks(flat, stack: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def config_from_official(flat: Dict[str, np.ndarray], **overrides) -> M3AEConfig:
-    """Infer the architecture from the parameter shapes; heads (not visible in shapes) from the preset
-    widths unless given; image_size / text_length default to the official 256 / 64."""
+def _head_depth(flat, head: str) -> Optional[int]:
+    """k of an official MLP head (`Dense_0..Dense_k`), None if the head is absent."""
+    dense = {int(mt.group(1)) for k in flat for mt in [re.match(rf"{head}/Dense_(\d+)/kernel$", k)] if mt}
+    return max(dense) if dense else None
+
+
+def official_shape_fields(flat: Dict[str, np.ndarray]) -> Tuple[Dict[str, object], Dict[str, str]]:
+    """The M3AEConfig fields the tensors of an official tree determine, and the tensor that shows each."""
     def need(name):
         if name not in flat:
-            raise ConversionError(f"official checkpoint lacks {name!r}, needed to infer the architecture; "
-                                  f"it holds {sorted(flat)[:20]}...")
+            raise ConversionError(f"official checkpoint lacks {name!r}, needed to read the architecture; "
+                                  f"it holds {sorted(flat)[:12]}...")
         return flat[name]
 
-    d = need("cls_token").shape[-1]
-    patch_dim = need("image_embedding/kernel").shape[0]
-    dd = need("decoder_input_projection/kernel").shape[1]
-    vals = dict(emb_dim=int(d), depth=_count_blocks(flat, "encoder"), dec_emb_dim=int(dd),
-                dec_depth=_count_blocks(flat, "decoder"),
-                mlp_ratio=int(need("encoder/Block_0/TransformerMLP_0/fc1/kernel").shape[1] // d),
-                use_type_embedding="encoder_image_type_embedding" in flat, gelu="tanh", layer_norm_eps=1e-6)
+    fc1 = "encoder/Block_0/TransformerMLP_0/fc1/kernel"
+    d = int(need("cls_token").shape[-1])
+    patch_dim = int(need("image_embedding/kernel").shape[0])
     p = int(round(math.sqrt(patch_dim / 3)))
     if p * p * 3 != patch_dim:
-        raise ConversionError(f"image_embedding/kernel has {patch_dim} input features, not p*p*3")
-    vals["patch_size"] = p
+        raise ConversionError(f"image_embedding/kernel has {patch_dim} input features, not patch*patch*3")
+    hidden = int(need(fc1).shape[1])
+    if hidden % d:
+        raise ConversionError(f"{fc1} has {hidden} outputs, not a multiple of the width {d}")
+    vals = dict(emb_dim=d, patch_size=p, depth=_count_blocks(flat, "encoder"),
+                dec_emb_dim=int(need("decoder_input_projection/kernel").shape[1]),
+                dec_depth=_count_blocks(flat, "decoder"), mlp_ratio=hidden // d,
+                use_type_embedding="encoder_image_type_embedding" in flat)
+    why = dict(emb_dim="cls_token", patch_size="image_embedding/kernel", depth="the encoder/Block_* count",
+               dec_emb_dim="decoder_input_projection/kernel", dec_depth="the decoder/Block_* count",
+               mlp_ratio=fc1, use_type_embedding="the presence of encoder_image_type_embedding")
     if "text_embedding/embedding" in flat:
-        vals["vocab_size"] = int(flat["text_embedding/embedding"].shape[0])
-    vals.update({k: v for k, v in overrides.items() if v is not None})
-    vals.setdefault("num_heads", HEADS_BY_WIDTH.get(vals["emb_dim"]))
-    vals.setdefault("dec_num_heads", 16 if vals["dec_emb_dim"] % 16 == 0 else None)
-    if vals["num_heads"] is None or vals["dec_num_heads"] is None:
-        raise ConversionError(f"cannot infer the number of heads for width {vals['emb_dim']}/{vals['dec_emb_dim']}"
-                              f"; pass --num-heads / --dec-num-heads")
-    vals.setdefault("image_size", 256)
-    vals.setdefault("text_length", 64)
-    return M3AEConfig(**vals)
+        vals["vocab_size"], why["vocab_size"] = int(flat["text_embedding/embedding"].shape[0]), "text_embedding"
+    depths = {h: _head_depth(flat, h) for h in ("decoder_image_output", "decoder_text_output")}
+    found = {h: k for h, k in depths.items() if k is not None}
+    if len(set(found.values())) > 1:
+        raise ConversionError(f"the output heads differ in depth: {found} (official heads share output_head_depth)")
+    if found:
+        vals["output_head_depth"] = next(iter(found.values()))
+        why["output_head_depth"] = "the Dense_* count of decoder_image_output"
+    return vals, why
+
+
+# (M3AEConfig field, CLI flag) the tensors do not show: the checkpoint's flags must state them
+NOT_IN_SHAPES = (("num_heads", "--num-heads"), ("dec_num_heads", "--dec-num-heads"), ("image_size", "--image-size"),
+                 ("text_length", "--text-length"))
+
+
+def resolve_official_config(flat: Dict[str, np.ndarray], variant: Optional[dict] = None, **overrides
+                            ) -> Tuple[M3AEConfig, List[str]]:
+    """(M3AEConfig, notes) for an official tree: fields from the checkpoint's `variant` (resolved as the
+    official get_default_config), checked against the tensor shapes; flags (`overrides`) win. Nothing is
+    guessed: a field neither states nor the shapes show is an error naming its flag. Only the training-only
+    fields (mask ratios, loss weights) fall back to the official defaults, with a note."""
+    shape, why = official_shape_fields(flat)
+    try:
+        stated, origin, notes = fields_from_variant(variant) if variant else ({}, {}, [])
+    except VariantError as e:
+        raise ConversionError(f"checkpoint flags: {e}") from e
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for f, v in stated.items():
+        if f in shape and v != shape[f] and f not in given:
+            raise ConversionError(f"the checkpoint's {origin[f]} gives {f}={v!r}, but {why[f]} says {shape[f]!r}")
+        if f in given and given[f] != v:
+            notes.append(f"{f}={given[f]!r} from the command line replaces the checkpoint's {origin[f]} ({v!r})")
+    values = {**stated, **shape, "gelu": "tanh", "layer_norm_eps": 1e-6, "mask_sharing": "batch", **given}
+    has_text = "vocab_size" in shape
+    missing = [(f, flag) for f, flag in NOT_IN_SHAPES if f not in values and (has_text or f != "text_length")]
+    if missing:
+        raise ConversionError(f"the checkpoint does not state {', '.join(f for f, _ in missing)} "
+                              f"({'no variant' if not variant else 'not in its variant'}); pass "
+                              + " ".join(f"{flag} N" for _, flag in missing))
+    defaulted = {f: v for f, v in TRAINING_FIELDS.items() if f not in values}
+    if "image_mean" not in values:
+        defaulted["image normalisation"] = "cc12m"
+    if defaulted:
+        notes.append("not stated by the checkpoint, official defaults used: "
+                     + ", ".join(f"{k}={v}" for k, v in defaulted.items()))
+        values.update({k: v for k, v in defaulted.items() if k in TRAINING_FIELDS})
+    if not has_text:
+        notes.append("image-only source: text_length / vocab_size are M3AEConfig defaults")
+    known = {f.name for f in dataclasses.fields(M3AEConfig)}
+    for f in [f for f in values if f not in known]:
+        v = values.pop(f)
+        if v not in (0, False):
+            raise ConversionError(f"{origin.get(f, why.get(f, f))} sets {f}={v!r}, which this version of "
+                                  f"m3ae_engine does not support")
+    try:
+        return M3AEConfig(**values), notes
+    except (ConfigError, TypeError) as e:
+        raise ConversionError(f"the checkpoint's settings do not make a valid model: {e}") from e
+
+
+def config_from_official(flat: Dict[str, np.ndarray], variant: Optional[dict] = None, **overrides) -> M3AEConfig:
+    return resolve_official_config(flat, variant, **overrides)[0]
 
 
 def _target_shapes(config: M3AEConfig) -> Dict[str, Tuple[int, ...]]:
@@ -338,14 +333,16 @@ def state_dict_to_official(sd: Dict[str, torch.Tensor], config: M3AEConfig) -> d
     return unflatten_tree(flat)
 
 
-def save_official_pickle(sd: Dict[str, torch.Tensor], config: M3AEConfig, path) -> None:
-    """Write {'state': namespace(params={'params': tree}, step=0), 'variant': config} so that the official
-    `checkpoint_data['state'].params['params']` works; `types.SimpleNamespace` needs no extra package."""
-    tree = state_dict_to_official(sd, config)
-    data = {"state": types.SimpleNamespace(params={"params": tree}, step=0),
-            "variant": {"model": config.to_dict(), "source": "m3ae_engine"}}
-    with open(path, "wb") as f:
-        pickle.dump(data, f, protocol=4)
+def save_official_pickle(sd: Dict[str, torch.Tensor], config: M3AEConfig, path, step: int = 0) -> List[str]:
+    """Write what the official `utils.load_checkpoint` reads: {'step', 'epoch', 'variant', 'state'} with
+    `state.params['params']` the official tree and `variant` the official flags that describe `config`
+    (so m3ae-to-torch reads the same config back). Returns notes on settings the official code lacks."""
+    try:
+        variant, notes = variant_from_config(config)
+    except VariantError as e:
+        raise ConversionError(str(e)) from e
+    write_official_pickle(path, state_dict_to_official(sd, config), variant, step=step)
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,12 +501,11 @@ def to_timm_state_dict(sd: Dict[str, torch.Tensor], config: M3AEConfig) -> Dict[
 # ---------------------------------------------------------------------------------------------
 def _torch_load(path):
     import argparse as _ap
-    try:
-        with torch.serialization.safe_globals([_ap.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConversionError(f"{path}: torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}); "
-                              f"re-save the state dict alone") from e
+    from .checkpoint import CheckpointError, load_weights_only
+    try:  # an MAE .pth keeps its run's argparse.Namespace beside the weights
+        return load_weights_only(path, allow=[_ap.Namespace])
+    except CheckpointError as e:  # refused (it would run code), truncated or corrupt: one line
+        raise ConversionError(str(e)) from None
 
 
 def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -533,35 +529,156 @@ def read_config_json(path) -> M3AEConfig:
     return M3AEConfig.from_dict(d.get("model", d) if isinstance(d.get("model"), dict) else d)
 
 
+def _official_about(ckpt) -> List[str]:
+    lines = [f"official M3AE checkpoint: step {ckpt.step}, epoch {ckpt.epoch}; parameters at {ckpt.params_at}"]
+    if ckpt.variant is None:
+        lines.append("no variant (run flags): the config comes from the tensor shapes and the command line")
+    else:
+        model = [f"{k}={v!r}" for k, v in ckpt.variant.items()
+                 if k.startswith(("m3ae.", "mae.")) or k in OFFICIAL_FLAGS_SHOWN
+                 or k.rsplit(".", 1)[-1] in ("image_size", "tokenizer_max_length", "image_normalization")]
+        lines.append(f"variant ({len(ckpt.variant)} flags), the model's: " + ", ".join(model))
+    return lines + ckpt.other
+
+
+OFFICIAL_FLAGS_SHOWN = ("dataset", "patch_size", "discretized_image", "image_all_token_loss", "text_all_token_loss",
+                        "image_loss_weight", "text_loss_weight", "unpaired_text_loss_weight")
+
+
+def _read_official(path: Path, config: Optional[M3AEConfig], overrides: dict):
+    try:
+        ckpt = read_official_checkpoint(path)
+    except OfficialCheckpointError as e:
+        raise ConversionError(str(e)) from e
+    flat = flatten_tree(ckpt.params)
+    notes: List[str] = []
+    if config is None:
+        try:
+            config, notes = resolve_official_config(flat, ckpt.variant, **overrides)
+        except ConversionError as e:
+            e.about = [f"source: {path}"] + [f"  {a}" for a in _official_about(ckpt)]  # inspect still shows it
+            raise
+    sd, report = official_to_state_dict(flat, config, f"{path}")
+    report.about, report.step = _official_about(ckpt), ckpt.step
+    report.notes = notes + report.notes
+    return sd, config, report
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """A `RUN/checkpoints/step_N` directory of train.py (meta.json marks a complete one)."""
+    return path.is_dir() and (path / "meta.json").is_file()
+
+
+def _training_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path / 'meta.json'} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise ConversionError(f"{path / 'meta.json'} has no model_config: not a train.py checkpoint")
+    return meta
+
+
+def describe_training_checkpoint(path: Path) -> List[str]:
+    """What a train.py checkpoint directory holds, from meta.json and the file list (no weights loaded)."""
+    meta = _training_meta(path)
+    tc = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
+    shown = ("preset", "modality", "batch_size", "grad_accum", "steps", "epochs", "base_lr", "weight_decay",
+             "mask_sharing", "precision", "data")
+    def size(n):
+        return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+    files = sorted(p.name + ("/" if p.is_dir() else f" ({size(p.stat().st_size)})") for p in path.iterdir())
+    return [f"train.py checkpoint: step {meta.get('step')}, runtime {meta.get('runtime')}, "
+            f"world size {meta.get('world_size')}",
+            "train config: " + ", ".join(f"{k}={tc[k]!r}" for k in shown if k in tc),
+            "files: " + ", ".join(files)]
+
+
+def _read_training_checkpoint(path: Path, config: Optional[M3AEConfig]):
+    """Model weights + config of a train.py checkpoint directory (plain-PyTorch runtime; DeepSpeed shards
+    are exported first). The optimizer state is described, not converted."""
+    about = describe_training_checkpoint(path)
+    meta = _training_meta(path)
+    if not (path / "state.pt").is_file():
+        kind = "DeepSpeed shards (deepspeed/)" if (path / "deepspeed").is_dir() else "no state.pt"
+        raise ConversionError(f"{path}: {kind}; export the weights first: python -m m3ae_engine.checkpoint "
+                              f"export {path} model.safetensors")
+    if config is None:
+        config = M3AEConfig.from_dict(meta["model_config"])
+    from .checkpoint import CheckpointError, load_weights_only
+    try:  # tensors and plain containers only; mmap: the optimizer state is not read into memory
+        state = load_weights_only(path / "state.pt", mmap=True)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    sd = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise ConversionError(f"{path / 'state.pt'} holds no 'model' state dict")
+    opt = state.get("optimizer") or {}
+    tensors = [t for s in (opt.get("state") or {}).values() for t in s.values() if isinstance(t, torch.Tensor)]
+    about.append(f"optimizer state: {len(tensors)} tensors ({sum(t.numel() for t in tensors):,} values) "
+                 f"-- not converted")
+    return sd, config, about, meta.get("step")
+
+
+def _check_state_dict(sd: Dict[str, torch.Tensor], config: M3AEConfig, source: str) -> ConversionReport:
+    shapes = _target_shapes(config)
+    report = ConversionReport(source)
+    for k, v in sd.items():
+        if k not in shapes:
+            report.unexpected.append(k)
+        elif tuple(v.shape) != shapes[k]:
+            report.shape_mismatch.append(f"{k} {tuple(v.shape)} expects {shapes[k]}")
+        else:
+            report.converted.append(k)
+    report.missing = sorted(set(shapes) - set(sd))
+    return report
+
+
 def read_checkpoint(path, config: Optional[M3AEConfig] = None, **overrides
                     ) -> Tuple[Dict[str, torch.Tensor], M3AEConfig, ConversionReport]:
     """Any supported checkpoint -> (M3AE state dict, config, report). `path`: a directory with
-    model.safetensors (or model.pt) + config.json; a .safetensors / .pt / .pth file (config.json beside it,
-    or embedded); an official pickle (.pkl); an MAE .pth."""
+    model.safetensors (or model.pt) + config.json; a train.py checkpoint directory (step_N); a run directory
+    holding only checkpoints/ (its newest); a .safetensors / .pt / .pth file (config.json beside it, or
+    embedded); an official pickle (.pkl); an MAE .pth."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    about, step, notes = [], None, []
+    if path.is_dir() and not is_training_checkpoint(path):
         for name in ("model.safetensors", "model.pt", "model.pth", "model.pkl"):
             if (path / name).is_file():
                 path = path / name
                 break
         else:
-            raise FileNotFoundError(f"{path} holds no model.safetensors / model.pt / model.pkl")
+            from .checkpoint import list_checkpoints
+            found = list_checkpoints(path / "checkpoints")
+            if not found:
+                raise FileNotFoundError(f"{path} holds no model.safetensors / model.pt / model.pkl, no meta.json "
+                                        f"(train.py checkpoint) and no complete checkpoints/step_*")
+            path = found[-1]
+            notes.append(f"no exported model in the run directory: read its newest checkpoint {path.name}")
     cfg_json = path.parent / "config.json"
     suffix = path.suffix.lower()
-    if suffix in (".pkl", ".pickle"):
-        flat = flatten_tree(find_params_tree(load_pickle(path)))
-        cfg = config or config_from_official(flat, **overrides)
-        sd, report = official_to_state_dict(flat, cfg, f"official M3AE pickle {path}")
-        return sd, cfg, report
-    if suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:  # one open: tensors and the config metadata
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        if config is None and "m3ae_config" in meta:
-            config = M3AEConfig.from_dict(json.loads(meta["m3ae_config"]))
+    if is_training_checkpoint(path):
+        sd, config, about, step = _read_training_checkpoint(path, config)
+    elif suffix in (".pkl", ".pickle"):
+        return _read_official(path, config, overrides)
+    elif suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), "pt") as f:  # one open: tensors and the config metadata
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            if config is None and "m3ae_config" in meta:
+                config = M3AEConfig.from_dict(json.loads(meta["m3ae_config"]))
+        except ConfigError:
+            raise
+        except (SafetensorError, OSError, ValueError) as e:  # a torn file or a mangled config in its metadata
+            raise ConversionError(f"{path}: unreadable, truncated or corrupt safetensors file "
+                                  f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                                  ) from None
     elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
         obj = _torch_load(path)
         if not isinstance(obj, dict):
@@ -583,17 +700,9 @@ def read_checkpoint(path, config: Optional[M3AEConfig] = None, **overrides
     if config is None:
         config = read_config_json(cfg_json)
     if overrides:
-        config = M3AEConfig.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-    shapes = _target_shapes(config)
-    report = ConversionReport(f"m3ae_engine checkpoint {path}")
-    for k, v in sd.items():
-        if k not in shapes:
-            report.unexpected.append(k)
-        elif tuple(v.shape) != shapes[k]:
-            report.shape_mismatch.append(f"{k} {tuple(v.shape)} expects {shapes[k]}")
-        else:
-            report.converted.append(k)
-    report.missing = sorted(set(shapes) - set(sd))
+        config = M3AEConfig.from_dict({**config.to_dict(), **overrides})
+    report = _check_state_dict(sd, config, f"m3ae_engine checkpoint {path}")
+    report.about, report.step, report.notes = about, step, notes + report.notes
     return {k: v.float() for k, v in sd.items()}, config, report
 
 
@@ -620,7 +729,7 @@ def save_checkpoint(sd: Dict[str, torch.Tensor], config: M3AEConfig, out_dir) ->
     from .checkpoint import save_exported  # the training export's writer: atomic, config in the metadata
     out = Path(out_dir)
     save_exported(sd, config.to_dict(), out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
     return out
 
 
@@ -636,17 +745,29 @@ def _full_state_dict(sd, cfg):
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+OVERRIDE_FIELDS = ("image_size", "text_length", "num_heads", "dec_num_heads", "image_mask_ratio", "text_mask_ratio",
+                   "mask_sharing", "image_loss_weight", "text_loss_weight", "unpaired_text_loss_weight")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m m3ae_engine.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def arch(sp):
-        sp.add_argument("--image-size", type=int, default=None)
-        sp.add_argument("--text-length", type=int, default=None)
-        sp.add_argument("--num-heads", type=int, default=None)
-        sp.add_argument("--dec-num-heads", type=int, default=None)
-        sp.add_argument("--config", default=None, help="config.json to use instead of inferring one")
+        g = sp.add_argument_group("model config (official pickles: replaces what the checkpoint's flags state)")
+        g.add_argument("--image-size", type=int, default=None)
+        g.add_argument("--text-length", type=int, default=None)
+        g.add_argument("--num-heads", type=int, default=None)
+        g.add_argument("--dec-num-heads", type=int, default=None)
+        g.add_argument("--image-mask-ratio", type=float, default=None)
+        g.add_argument("--text-mask-ratio", type=float, default=None)
+        g.add_argument("--mask-sharing", choices=("batch", "sample"), default=None,
+                       help="official M3AE: batch (one permutation per device); MAE: sample")
+        g.add_argument("--image-loss-weight", type=float, default=None)
+        g.add_argument("--text-loss-weight", type=float, default=None)
+        g.add_argument("--unpaired-text-loss-weight", type=float, default=None)
+        sp.add_argument("--config", default=None, help="config.json to use instead of the checkpoint's")
         sp.add_argument("--allow-unexpected", action="store_true", help="ignore source entries nothing maps to")
 
     for name, hlp in (("m3ae-to-torch", "official Flax pickle -> OUT_DIR (model.safetensors + config.json)"),
@@ -656,21 +777,28 @@ def main(argv=None) -> int:
         sp.add_argument("src")
         sp.add_argument("out_dir")
         arch(sp)
-    sp = sub.add_parser("torch-to-m3ae", help="our checkpoint -> official-layout pickle")
+    sp = sub.add_parser("torch-to-m3ae", help="our checkpoint -> pickle the official load_checkpoint / "
+                                              "--load_pretrained read (no optimizer state)")
     sp.add_argument("src")
     sp.add_argument("out")
     sp = sub.add_parser("to-timm", help="encoder -> timm vit_* state dict (.safetensors or .pth) + timm_config.json")
     sp.add_argument("src")
     sp.add_argument("out")
-    sp = sub.add_parser("inspect", help="print the tensors of a checkpoint and what they convert to")
+    sp = sub.add_parser("inspect", help="describe a checkpoint (official pickle, training checkpoint directory, "
+                                        "export, MAE .pth) and what its tensors convert to")
     sp.add_argument("src")
     arch(sp)
     args = p.parse_args(argv)
 
     def overrides():
-        return {k: getattr(args, k, None) for k in ("image_size", "text_length", "num_heads", "dec_num_heads")}
+        return {k: getattr(args, k, None) for k in OVERRIDE_FIELDS}
 
     try:
+        if args.cmd == "inspect" and is_training_checkpoint(Path(args.src)) and not (Path(args.src) / "state.pt").is_file():
+            print("\n".join(describe_training_checkpoint(Path(args.src))))  # DeepSpeed shards: described only
+            print(f"weights: not read here; export them with: python -m m3ae_engine.checkpoint export {args.src} "
+                  f"model.safetensors")
+            return 0
         if args.cmd in ("m3ae-to-torch", "mae-to-torch", "to-torch", "inspect"):
             src = Path(args.src)
             if args.cmd == "m3ae-to-torch" and src.suffix.lower() not in (".pkl", ".pickle"):
@@ -681,7 +809,7 @@ def main(argv=None) -> int:
             sd, cfg, report = read_checkpoint(src, cfg, **overrides())
             print(report)
             if args.cmd == "inspect":
-                print(json.dumps(cfg.to_dict(), indent=2))
+                print("model config: " + json.dumps(cfg.to_dict(), indent=2))
                 return 0 if report.ok else 1
             report.raise_if_errors(allow_unexpected=args.allow_unexpected)
             out = save_checkpoint(_full_state_dict(sd, cfg), cfg, args.out_dir)
@@ -689,25 +817,29 @@ def main(argv=None) -> int:
         elif args.cmd == "torch-to-m3ae":
             sd, cfg, report = read_checkpoint(args.src)
             report.raise_if_errors()
-            save_official_pickle(_full_state_dict(sd, cfg), cfg, args.out)
-            print(f"wrote {args.out}")
+            notes = save_official_pickle(_full_state_dict(sd, cfg), cfg, args.out, step=report.step or 0)
+            for n in notes:
+                print(f"note: {n}")
+            print(f"wrote {args.out} (step {report.step or 0}; parameters and flags only, no optimizer state: "
+                  f"official fine-tuning / linear probing can load it, official pre-training cannot resume it)")
         elif args.cmd == "to-timm":
             sd, cfg, report = read_checkpoint(args.src)
             report.raise_if_errors()
             tsd = to_timm_state_dict(_full_state_dict(sd, cfg), cfg)
             out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
             if out.suffix == ".safetensors":
                 from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in tsd.items()}, str(out))
+                atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in tsd.items()}, str(tmp)))
             else:
-                torch.save({"model": tsd}, str(out))
+                atomic_write(out, lambda tmp: torch.save({"model": tsd}, str(tmp)))
             spec = timm_model_spec(cfg)
-            (out.parent / "timm_config.json").write_text(json.dumps(spec, indent=2))
+            atomic_write_text(out.parent / "timm_config.json", json.dumps(spec, indent=2))
             print(f"wrote {out} ({len(tsd)} tensors) and {out.parent / 'timm_config.json'}\n"
                   f"load: timm.create_model({spec['base_model_name']!r}, pretrained=False, num_classes=N, "
                   f"**{spec['kwargs']}).load_state_dict(sd, strict=False)  # head stays new")
-    except (ConversionError, FileNotFoundError) as e:
+    except (ConversionError, ConfigError, FileNotFoundError) as e:
+        if args.cmd == "inspect" and getattr(e, "about", None):
+            print("\n".join(e.about))
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

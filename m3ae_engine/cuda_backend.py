@@ -92,6 +92,8 @@ def _gather_impl(image: Optional[torch.Tensor], text: Optional[torch.Tensor], cl
     c = cls.reshape(d).to(dtype).contiguous() if cls is not None else None
     src = _i32(row_source)
     out = torch.empty(src.numel(), d, dtype=dtype, device=ref.device)
+    if src.numel() == 0:  # no row (nothing kept): _C needs non-null out/row_source pointers, and there is no work
+        return out
     _C.gather_forward(out.data_ptr(), _ptr(img), img.stride(0) if img is not None else d,
                       img.shape[0] if img is not None else 0, _ptr(txt), txt.stride(0) if txt is not None else d,
                       txt.shape[0] if txt is not None else 0, _ptr(c), src.data_ptr(), src.numel(), d,
@@ -119,6 +121,8 @@ def _gather_backward_impl(grad: torch.Tensor, row_source: torch.Tensor, image_ro
     gi = g.new_empty((n_image, d))
     gt = g.new_empty((n_text, d))
     gc = g.new_empty((d if need_cls else 0,), dtype=torch.float32)
+    if rows == 0:  # nothing was gathered: every input gradient is zero
+        return gi.zero_(), gt.zero_(), gc.zero_()
     iro = _i32(image_row_of) if n_image else None
     tro = _i32(text_row_of) if n_text else None
     ws = _reduce_workspace(rows, 1, d, g.device) if need_cls else None
@@ -185,6 +189,8 @@ def _unshuffle_impl(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embed
     pt = _f32(pos_table).reshape(-1, d) if pos_table is not None else None
     rv, rk, rp = _i32(row_visible), _i32(row_kind), _i32(row_pos)
     out = torch.empty(rv.numel(), d, dtype=visible.dtype, device=visible.device)
+    if rv.numel() == 0:  # no decoder row: _C needs non-null out and row-map pointers
+        return out
     _C.unshuffle_forward(out.data_ptr(), _ptr(vis), vis.stride(0), vis.shape[0], mt.data_ptr(), _ptr(ty), _ptr(pt),
                          pt.shape[0] if pt is not None else 0, rv.data_ptr(), rk.data_ptr(), rp.data_ptr(),
                          rv.numel(), d, _code(out), _dev(out), _stream(out))
@@ -210,6 +216,8 @@ def _unshuffle_backward_impl(grad: torch.Tensor, row_visible: torch.Tensor, row_
     gv = g.new_empty((n_visible, d))
     slots = (4 if with_types else 2) if need_params else 0
     gp = g.new_empty((slots, d), dtype=torch.float32)
+    if rows == 0:  # no decoder row: nothing flows back
+        return gv.zero_(), gp.zero_()
     ws = _reduce_workspace(rows, slots, d, g.device) if slots else None
     rov = _i32(row_of_visible) if n_visible else None
     _C.unshuffle_backward(g.data_ptr(), rows, d, rv.data_ptr(), rk.data_ptr(), _ptr(gv), _ptr(rov), n_visible,
@@ -287,6 +295,8 @@ def _masked_mse_impl(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.
     rows = pr.shape[0]
     row_loss = torch.empty(rows, dtype=torch.float32, device=pred.device)
     loss = torch.empty((), dtype=torch.float32, device=pred.device)
+    if rows == 0:  # no masked patch: an empty sum (_C needs non-null pred/index/weight pointers)
+        return loss.zero_()
     _C.masked_mse_forward(pr.data_ptr(), pr.stride(0), _code(pr), im.data_ptr(), _code(im), b, c, h, w, p,
                           pi.data_ptr(), rw.data_ptr(), rows, bool(norm_pix_loss), list(mean), list(std),
                           _ptr(row_loss), loss.data_ptr(), _dev(pr), _stream(pr))
@@ -307,6 +317,8 @@ def _masked_mse_backward_impl(grad_loss: torch.Tensor, pred: torch.Tensor, imgs:
     pr, im, pi, rw, (b, c, h, w, p) = _mse_common(pred, imgs, patch_index, row_weight, patch_size)
     rows = pr.shape[0]
     grad_pred = torch.empty(rows, pr.shape[1], dtype=pred.dtype, device=pred.device)
+    if rows == 0:
+        return grad_pred.view(pred.shape)
     gl = grad_loss.to(torch.float32).reshape(1).contiguous()
     _C.masked_mse_backward(_ptr(grad_pred), pr.data_ptr(), pr.stride(0), _code(pr), im.data_ptr(), _code(im), b, c,
                            h, w, p, pi.data_ptr(), rw.data_ptr(), rows, bool(norm_pix_loss), list(mean), list(std),

@@ -49,7 +49,8 @@ def m3ae_flops(config: M3AEConfig, text_lengths: Lengths = None, *, has_image: b
     kept_text: [B] kept NON-PADDED text tokens per sample (exact, from a masking plan). Default: the
         expectation n * Kt / Lt (Kt of the Lt positions are kept uniformly at random, padding included).
     padded: encoder/decoder over the padded lengths (1 + Ki + Kt and 1 + Li + Lt) instead of the real ones.
-    heads_on_all: pixel head on all Li patches and vocab head on all Lt positions instead of masked only.
+    heads_on_all: pixel head on all Li patches and vocab head on all Lt positions instead of the loss rows
+        (masked positions; all patches / all non-padded tokens with config.image/text_all_token_loss).
     breakdown: return {component: FLOPs per sample} (forward, or x3 with `training`) plus "total".
     """
     c = config
@@ -85,8 +86,10 @@ def m3ae_flops(config: M3AEConfig, text_lengths: Lengths = None, *, has_image: b
 
     enc_linear, enc_attention = stack(enc_tokens, d, c.depth)
     dec_linear, dec_attention = stack(dec_tokens, dd, c.dec_depth)
-    pixel_rows = li if heads_on_all else li - ki
-    text_rows = lt * ones if heads_on_all else masked_text
+    # the heads' rows: masked positions, or every one with the all-token losses (or heads_on_all)
+    pixel_rows = li if (heads_on_all or c.image_all_token_loss) else li - ki
+    text_rows = lt * ones if heads_on_all else (n if c.text_all_token_loss else masked_text)
+    head_hidden = c.output_head_depth * 2 * dd * dd  # per row: the MLP head's Dd -> Dd layers before the last Linear
     parts = {
         "patch_embedding": 2.0 * li * p * d,
         "encoder_linear": enc_linear,
@@ -94,8 +97,8 @@ def m3ae_flops(config: M3AEConfig, text_lengths: Lengths = None, *, has_image: b
         "decoder_input_projection": float((2 * enc_tokens * d * dd).mean()),
         "decoder_linear": dec_linear,
         "decoder_attention": dec_attention,
-        "pixel_head": 2.0 * pixel_rows * dd * p,
-        "text_head": float((2 * text_rows * dd * v).mean()) if has_text else 0.0,
+        "pixel_head": pixel_rows * (2.0 * dd * p + head_hidden),
+        "text_head": float((text_rows * (2 * dd * v + head_hidden)).mean()) if has_text else 0.0,
     }
     scale = 3.0 if training else 1.0
     parts = {k: scale * val for k, val in parts.items()}

@@ -76,11 +76,11 @@ class MaskingPlan:
     dec_row_kind: torch.Tensor  # [R] int32: 0 image, 1 text, 2 CLS, -1 filler
     dec_row_pos: torch.Tensor  # [R] int32: row of the position table
     dec_row_of_visible: torch.Tensor  # [T] int32: decoder row fed by each encoder row (-1 filler)
-    # heads
+    # heads: the loss rows (masked positions; every position with the all-token losses)
     image_pred_rows: Optional[torch.Tensor]  # [B*Lm] int64: decoder rows of masked patches
     image_patch_index: Optional[torch.Tensor]  # [B*Lm] int32: b*Li + l
     image_row_weight: Optional[torch.Tensor]  # [B*Lm] float32
-    text_pred_rows: Optional[torch.Tensor]  # [Nt] int64: decoder rows of masked non-padded text
+    text_pred_rows: Optional[torch.Tensor]  # [Nt] int64: decoder rows of masked (all) non-padded text
     text_target_index: Optional[torch.Tensor]  # [Nt] int64: b*Lt + l (into the text ids)
     text_row_weight: Optional[torch.Tensor]  # [Nt] float32 (0 for filler rows)
 
@@ -169,7 +169,8 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
                text_length: int, text_keep: int, *, has_image: bool = True, packed: bool = True,
                sharing: str = "sample", device=None, generator=None,
                image_noise: Optional[torch.Tensor] = None, text_noise: Optional[torch.Tensor] = None,
-               exact_sizes: Optional[bool] = None) -> MaskingPlan:
+               exact_sizes: Optional[bool] = None, image_all_tokens: bool = False,
+               text_all_tokens: bool = False) -> MaskingPlan:
     """Draw the masks and build every index map (see module docstring).
 
     text_padding_mask: [B, Lt] (1/True = padding) or None for an image-only forward.
@@ -177,6 +178,10 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
     generator's device, else on `device`.
     exact_sizes: size packed rows exactly (reads counts on the host); default: only when the plan is
     built on the CPU. False forces the capacity layout with a filler tail (no host sync).
+    image_all_tokens / text_all_tokens: the loss rows are every patch / every non-padded text position
+    instead of the masked ones (official image_all_token_loss / text_all_token_loss).
+    Keep counts 0 (everything masked) and L (nothing masked) are valid: the maps are then empty where
+    nothing is kept / nothing is predicted.
     """
     has_text = text_padding_mask is not None
     assert has_image or has_text, "a forward needs an image, a text, or both"
@@ -280,17 +285,25 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
     # ---- heads: masked image patches (static count) ----
     image_pred_rows = image_patch_index = image_row_weight = None
     if has_image:
-        masked = torch.sort(img_shuffle[:, Ki:], dim=1).values  # [B, Lm] original positions
-        lm = Li - Ki
+        if image_all_tokens:  # official patch_mse_loss without a mask: mean over every patch
+            masked = torch.arange(Li, **i64)[None, :].expand(B, Li)
+        else:
+            masked = torch.sort(img_shuffle[:, Ki:], dim=1).values  # [B, Lm] original positions
+        lm = masked.shape[1]
         image_pred_rows = (cu_dec[:-1, None] + 1 + masked).reshape(-1)
         image_patch_index = (ar_b[:, None] * Li + masked).reshape(-1).to(torch.int32)
+        # official: per sample sum / (Lm / Li) / Li, then batch mean = 1 / (B * Lm) per row; Lm = 0 gives
+        # no rows (the official 0/0 is refused by M3AEConfig.validate)
         image_row_weight = torch.full((B * lm,), 1.0 / (B * max(lm, 1)), dtype=torch.float32, device=dev)
 
-    # ---- heads: masked, non-padded text positions (data-dependent count) ----
+    # ---- heads: masked (or, text_all_tokens, all), non-padded text positions (data-dependent count) ----
     text_pred_rows = text_target_index = text_row_weight = None
     if has_text:
-        lm_t = Lt - Kt
-        m_pos = txt_shuffle[:, Kt:]  # [B, Lm_t] masked positions
+        if text_all_tokens:  # official: mask_intersection(all_mask, not padding)
+            m_pos = torch.arange(Lt, **i64)[None, :].expand(B, Lt)
+        else:
+            m_pos = txt_shuffle[:, Kt:]  # [B, Lm_t] masked positions
+        lm_t = m_pos.shape[1]
         m_valid = ~pad.gather(1, m_pos)
         part = torch.argsort((~m_valid).to(torch.int8), dim=1, stable=True)
         m_pos, m_valid = m_pos.gather(1, part), m_valid.gather(1, part)

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from . import ops
 from .attention import AttentionContext, attention
 from .config import M3AEConfig
+from .heads import OutputHead, official_init_
 from .masking import MaskingPlan, build_plan
 from .pos_embed import position_table
+from .pretrained import PretrainedMixin
 from .reference import normalize_image, patchify
 
 
@@ -120,7 +122,8 @@ class M3AEOutput:
     text_accuracy: Optional[torch.Tensor]
     image_mask: Optional[torch.Tensor]  # [B, Li] 1 = masked
     text_mask: Optional[torch.Tensor]  # [B, Lt] 1 = masked (padding included, as the official mask)
-    image_prediction: Optional[torch.Tensor]  # [B, Lm, p*p*3] predicted patches at masked positions
+    # predicted patches at the loss positions: the masked ones (every patch with image_all_token_loss)
+    image_prediction: Optional[torch.Tensor]  # [B, Lm, p*p*3]
     image_masked_positions: Optional[torch.Tensor]  # [B, Lm] their positions (ascending)
     text_logits: Optional[torch.Tensor]  # [Nt, V] only with return_text_logits=True
     text_target_index: Optional[torch.Tensor]  # [Nt] b*Lt + l of each text prediction row
@@ -128,14 +131,15 @@ class M3AEOutput:
     plan: MaskingPlan
 
     def image_prediction_full(self) -> torch.Tensor:
-        """[B, Li, P]: predictions at masked positions, zeros at visible ones."""
+        """[B, Li, P]: the predictions at their positions, zeros at the others (the visible patches,
+        unless image_all_token_loss predicts every patch)."""
         b, lm, p = self.image_prediction.shape
         li = self.image_mask.shape[1]
         full = self.image_prediction.new_zeros(b, li, p)
         return full.scatter(1, self.image_masked_positions[..., None].expand(b, lm, p), self.image_prediction)
 
 
-class M3AE(nn.Module):
+class M3AE(PretrainedMixin, nn.Module):
     def __init__(self, config: M3AEConfig):
         super().__init__()
         if not isinstance(config, M3AEConfig):
@@ -160,21 +164,16 @@ class M3AE(nn.Module):
         self.decoder = nn.ModuleList(Block(dd, c.dec_num_heads, c.mlp_ratio, c.layer_norm_eps, c.gelu,
                                            c.compile_blocks) for _ in range(c.dec_depth))
         self.decoder_norm = nn.LayerNorm(dd, eps=c.layer_norm_eps)
-        self.decoder_image_output = nn.Linear(dd, c.patch_dim)
-        self.decoder_text_output = nn.Linear(dd, c.vocab_size)
+        # output heads (official MLP when output_head_depth > 0); their last Linear is .weight/.bias
+        self.decoder_image_output = OutputHead(dd, c.patch_dim, c.output_head_depth, c.layer_norm_eps, c.gelu)
+        self.decoder_text_output = OutputHead(dd, c.vocab_size, c.output_head_depth, c.layer_norm_eps, c.gelu)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self):
         """Official initialisation: Dense xavier_uniform / zero bias, Embed normal(1.0), tokens normal(0.02)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        official_init_(self)
         nn.init.normal_(self.text_embedding.weight, std=1.0)
         for name, p in self.named_parameters():
             if name.endswith("_type_embedding") or name in ("cls_token", "image_mask_embedding",
@@ -270,7 +269,8 @@ class M3AE(nn.Module):
         c = self.config
         return build_plan(batch, c.num_patches, c.image_keep, text_padding_mask, c.text_length, c.text_keep,
                           has_image=has_image, packed=c.packed, sharing=c.mask_sharing, device=self.cls_token.device,
-                          generator=generator, image_noise=image_noise, text_noise=text_noise)
+                          generator=generator, image_noise=image_noise, text_noise=text_noise,
+                          image_all_tokens=c.image_all_token_loss, text_all_tokens=c.text_all_token_loss)
 
     def encode(self, image, text, plan: MaskingPlan) -> torch.Tensor:
         """Encoder over the plan's visible rows -> [T, D] (after the final LayerNorm)."""
@@ -333,7 +333,7 @@ class M3AE(nn.Module):
 
         image_loss = image_pred = masked_pos = None
         if image is not None:
-            lm = plan.num_patches - plan.image_keep
+            lm = plan.image_patch_index.numel() // b  # masked patches per sample (all with image_all_token_loss)
             pred = self.decoder_image_output(d[plan.image_pred_rows])  # [B*Lm, P]
             image_loss = ops.masked_mse(pred, image, plan.image_patch_index,
                                         plan.image_row_weight, c.patch_size, c.norm_pix_loss,
@@ -342,13 +342,13 @@ class M3AE(nn.Module):
             masked_pos = (plan.image_patch_index.long() % plan.num_patches).view(b, lm)
         text_loss = text_acc = logits = None
         if text is not None:
-            h = d[plan.text_pred_rows]  # [Nt, Dd]
+            h = self.decoder_text_output.hidden(d[plan.text_pred_rows])  # [Nt, Dd]: the MLP head before its last Linear
             targets = text.reshape(-1).long()[plan.text_target_index]
             text_loss, text_acc = ops.linear_cross_entropy(h, self.decoder_text_output.weight,
                                                            self.decoder_text_output.bias, targets,
                                                            plan.text_row_weight, backend=self._kernels())
             if return_text_logits:
-                logits = self.decoder_text_output(h)
+                logits = F.linear(h, self.decoder_text_output.weight, self.decoder_text_output.bias)
         loss = 0.0
         if image_loss is not None:
             loss = loss + c.image_loss_weight * image_loss

@@ -188,7 +188,7 @@ def _check(cond, msg):
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None, backend=None):
     """MAE's random_masking: x [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])."""
     _check(x.dim() == 3, f"random_masking: x must be [N, L, D], got {tuple(x.shape)}")
-    _check(0.0 <= mask_ratio < 1.0, f"random_masking: mask_ratio must be in [0, 1), got {mask_ratio}")
+    _check(0.0 <= mask_ratio <= 1.0, f"random_masking: mask_ratio must be in [0, 1], got {mask_ratio}")
     n, l, d = x.shape
     k = int(l * (1 - mask_ratio))
     if noise is None:

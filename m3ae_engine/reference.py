@@ -166,8 +166,11 @@ def unshuffle(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddings:
     out_dtype = visible.dtype
     is_tok = (kind == KIND_IMAGE) | (kind == KIND_TEXT)
     kind_c = kind.clamp(0, 1)
-    base = torch.where((vis >= 0).unsqueeze(-1), visible[vis.clamp_min(0)].float(),
-                       mask_tokens.float()[kind_c])
+    if visible.shape[0]:  # rows without a visible token (vis -1) read row 0; torch.where drops it below
+        picked = visible[vis.clamp_min(0)].float()
+    else:  # T = 0 (keep count 0, no CLS row): nothing to index, every row is a mask token, CLS or filler
+        picked = visible.new_zeros(vis.shape[0], visible.shape[-1], dtype=torch.float32)
+    base = torch.where((vis >= 0).unsqueeze(-1), picked, mask_tokens.float()[kind_c])
     if type_embeddings is not None:
         base = base + torch.where(is_tok.unsqueeze(-1), type_embeddings.float()[kind_c], 0.0)
     if pos_table is not None:
@@ -189,7 +192,7 @@ def masked_mse(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor
     """
     target = patchify(normalize_image(imgs, mean, std), patch_size)  # [B, L, P]
     target = target.reshape(-1, target.shape[-1])[patch_index.long()]  # [M, P]
-    if norm_pix_loss:
+    if norm_pix_loss and target.shape[0]:  # (no rows: nothing to normalise)
         mu = target.mean(-1, keepdim=True)
         var = target.var(-1, keepdim=True)
         target = (target - mu) / (var + 1.0e-6) ** 0.5

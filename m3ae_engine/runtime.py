@@ -157,10 +157,16 @@ class PlainRuntime:
                         "client_state": client_state}, path / "state.pt")
 
     def load(self, path: Path) -> dict:
-        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return state["client_state"]
+        from .checkpoint import CheckpointError, load_weights_only
+        file = path / "state.pt"
+        state = load_weights_only(file, map_location=self.device)  # refuses anything that could run code
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            return state["client_state"]
+        except (KeyError, TypeError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{file}: does not fit this model/optimizer ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
 
 def micro_per_rank(cfg, info: DistInfo) -> int:
@@ -240,10 +246,12 @@ class DeepSpeedRuntime:
             model=model, model_parameters=groups, optimizer=optimizer, config=copy.deepcopy(self.ds_config))
         self.module = self.engine.module
         if self.zero_stage == 3:
-            # M3AE.forward hands the vocab head's weight straight to the fused CE op without calling the
-            # Linear, so ZeRO-3 would never gather it; registering it makes M3AE's own hooks fetch it.
+            # M3AE.forward hands the vocab head's last Linear (weight, bias) straight to the fused CE op
+            # without calling the head module, so ZeRO-3 would never gather them; registering them makes
+            # M3AE's own hooks fetch them. (The MLP head's earlier layers are called as modules.)
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-            for p in self.module.decoder_text_output.parameters():
+            head = self.module.decoder_text_output
+            for p in (head.weight, head.bias):
                 register_external_parameter(self.module, p)
         half = next((k for k in ("bf16", "fp16") if self.ds_config.get(k, {}).get("enabled", False)), None)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if half == "bf16" else torch.float16)
@@ -275,10 +283,12 @@ class DeepSpeedRuntime:
         self.engine.save_checkpoint(str(path), tag="deepspeed", client_state=client_state, save_latest=False)
 
     def load(self, path: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
+        from .checkpoint import CheckpointError, deepspeed_loads_weights_only
+        with deepspeed_loads_weights_only():  # DeepSpeed's own torch.load calls: no code from the files
+            _, client_state = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                          load_lr_scheduler_states=False)
         if client_state is None:
-            raise RuntimeError(f"could not load the DeepSpeed checkpoint in {path}")
+            raise CheckpointError(f"could not load the DeepSpeed checkpoint in {path} (files missing)")
         return client_state
 
 

@@ -1,21 +1,26 @@
-"""TrainConfig: every knob of a training run in one dataclass.
+"""TrainConfig: every knob of a training run in one dataclass, and train.py's parser.
 
 Sources, later wins: the defaults below < a YAML/JSON file (`--config run.yaml`) < command-line flags.
-The effective config is validated before any work (ConfigError names the field and the allowed
-values), printed at start and saved as `train_config.json` in the output dir and in every checkpoint.
+Every M3AEConfig field the preset sets (image_size, patch_size, emb_dim, ...) is an option too: it goes
+to `TrainConfig.model` and overrides the preset. The effective config is validated before any work
+(ConfigError, one line naming the field and the allowed values), printed at start and saved as
+`train_config.json` in the output dir and in every checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .config import ENCODER_PRESETS, ConfigError
+from .cli_util import (BoolFlag, ErrorParser, HelpFormatter, check_type, coerce, is_bool, join_negative_values,
+                       parser_for, read_mapping, unknown_key_error)
+from .config import ENCODER_PRESETS, ConfigError, M3AEConfig
 from .optim import scaled_lr
 
 OFFICIAL_BASE_LR = 1.5e-4
@@ -32,6 +37,9 @@ class TrainConfig:
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5
     norm_pix_loss: bool = False
+    image_all_token_loss: bool = False  # official flag: pixel loss over every patch
+    text_all_token_loss: bool = False  # official flag: word loss over every non-padded token
+    output_head_depth: int = 0  # official flag m3ae.output_head_depth: 0 = Linear heads, k = MLP heads
     kernels: str = "auto"  # auto | torch | triton | cuda
     attention: str = "auto"
     compile_blocks: bool = False  # torch.compile the attention-free halves of each block (not with ZeRO-3)
@@ -63,7 +71,8 @@ class TrainConfig:
     # run
     seed: int = 0
     device: Optional[str] = None  # cpu | cuda (default: cuda if available)
-    output_dir: Optional[str] = None  # metrics, checkpoints, final weights; None = write nothing
+    output_dir: Optional[str] = None  # metrics, checkpoints, final weights; None = write nothing (train.py's
+    # default is runs/<preset>-<date>-<time>, see parse)
     resume: Optional[str] = None  # "latest" (newest in output_dir/checkpoints) or a checkpoint dir
     log_every: int = 25
     ckpt_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
@@ -72,7 +81,10 @@ class TrainConfig:
     eval_batches: int = 2
     max_bad_steps: int = 10  # this many non-finite steps in a row stop the run
     tensorboard: bool = True
+    wandb_project: Optional[str] = None  # log to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
+    wandb_name: Optional[str] = None  # the W&B run name (default: the output dir's name)
     deepspeed_config: Optional[str] = None  # set by --deepspeed_config; None = plain PyTorch / DDP
+    model: dict = field(default_factory=dict)  # M3AEConfig fields over the preset's: {"image_size": 64, ...}
 
     def __post_init__(self):
         self.validate()
@@ -106,10 +118,17 @@ class TrainConfig:
         return self.warmup_steps or 0
 
     def model_overrides(self) -> dict:
+        """M3AEConfig fields over the preset's: the model options this dataclass names, then `model`."""
         return dict(image_mask_ratio=self.image_mask_ratio, text_mask_ratio=self.text_mask_ratio,
                     mask_sharing=self.mask_sharing, image_loss_weight=self.image_loss_weight,
                     text_loss_weight=self.text_loss_weight, norm_pix_loss=self.norm_pix_loss,
-                    kernels=self.kernels, attention=self.attention, compile_blocks=self.compile_blocks)
+                    image_all_token_loss=self.image_all_token_loss, text_all_token_loss=self.text_all_token_loss,
+                    output_head_depth=self.output_head_depth,
+                    kernels=self.kernels, attention=self.attention, compile_blocks=self.compile_blocks,
+                    **self.model)
+
+    def model_config(self) -> M3AEConfig:
+        return M3AEConfig.from_preset(self.preset, **self.model_overrides())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,6 +144,14 @@ class TrainConfig:
             ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if allow_zero else v >= 1)
             need(ok, f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
 
+        for f in dataclasses.fields(self):  # basic types first: `steps: ten` is a one-line error, not a crash
+            check_type(f.name, getattr(self, f.name), str(f.type))
+        need(isinstance(self.model, dict), f"model must be a mapping of M3AEConfig fields, got {self.model!r}")
+        model_types = model_field_types()
+        for k, v in self.model.items():
+            if k not in model_types:
+                raise unknown_key_error(k, model_types, " in model")
+            check_type(k, v, model_types[k])
         need(self.preset in ENCODER_PRESETS,
              f"preset must be one of {', '.join(ENCODER_PRESETS)}; got {self.preset!r}")
         for name in ("batch_size", "grad_accum", "log_every", "keep_last", "eval_batches", "max_bad_steps",
@@ -197,40 +224,15 @@ class TrainConfig:
              "--resume latest needs --output-dir (it looks in OUTPUT_DIR/checkpoints)")
         if self.resume not in (None, "latest"):
             need(Path(self.resume).is_dir(), f"--resume: checkpoint directory not found: {self.resume}")
+        if self.wandb_project is not None:
+            import importlib.util
+            need(importlib.util.find_spec("wandb") is not None,
+                 "--wandb-project needs the wandb package: pip install wandb")
         if self.deepspeed_config is not None:
             need(Path(self.deepspeed_config).is_file(), f"DeepSpeed config not found: {self.deepspeed_config}")
-        # the model's own checks (mask ratios, sharing, weights, kernels) with its messages
-        from .config import M3AEConfig
-        M3AEConfig.from_preset(self.preset, **self.model_overrides())
+        # the model's own checks (sizes, mask ratios, sharing, weights, kernels) with its messages
+        self.model_config()
         # warmup longer than the run is allowed: short test runs then stay in the linear ramp
-
-
-def load_file(path: str) -> dict:
-    """A YAML or JSON mapping of TrainConfig field names (dashes or underscores)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-        d = yaml.safe_load(text) or {}
-    else:
-        d = json.loads(text)
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in d.items()}
-
-
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def _opt_int(s: str):
-    return None if s.lower() in ("none", "null") else int(s)
 
 
 HELP = {
@@ -240,6 +242,9 @@ HELP = {
     "mask_sharing": "sample (one permutation per sample, MAE) | batch (one per rank, official M3AE)",
     "image_loss_weight": "weight of the pixel MSE term", "text_loss_weight": "weight of the word CE term (paper 0.5)",
     "norm_pix_loss": "true: MAE's per-patch normalised pixel target",
+    "image_all_token_loss": "true: pixel loss over every patch, not only the masked ones (official flag)",
+    "text_all_token_loss": "true: word loss over every non-padded token, not only the masked ones (official flag)",
+    "output_head_depth": "0: one Linear per output head (official default); k: the official k-layer MLP heads",
     "kernels": "auto | torch | triton | cuda", "attention": "attention backend (auto picks the fastest)",
     "compile_blocks": "true: torch.compile the element-wise work of each block (LayerNorm, GELU, residuals); not with ZeRO-3",
     "data": "synthetic, or WebDataset shards 'dir/{00000..00099}.tar' (several joined with ::)",
@@ -259,59 +264,138 @@ HELP = {
     "warmup_steps": "linear warmup steps, then cosine to --end-lr", "warmup_epochs": "warmup in epochs (official 5)",
     "grad_clip": "max global grad norm (0 = off; DeepSpeed: its config's gradient_clipping)",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32 (plain PyTorch path)",
-    "output_dir": "metrics.jsonl, tensorboard/, checkpoints/, model.safetensors go here",
     "resume": "latest (newest complete checkpoint in OUTPUT_DIR/checkpoints) or a checkpoint dir",
     "log_every": "steps between logs (the only host syncs)", "ckpt_every": "steps between checkpoints (0: end only)",
     "keep_last": "checkpoints kept", "eval_every": "steps between held-out evals (0: off)",
     "max_bad_steps": "non-finite steps in a row that stop the run",
+    "output_dir": "metrics.jsonl, tensorboard/, checkpoints/, model.safetensors go here (default: "
+                  "runs/PRESET-DATE-TIME; 'none': write nothing)",
+    "num_workers": "DataLoader workers of the shard loader (capped at the cores this process may use)",
+    "tensorboard": "TensorBoard scalars in OUTPUT_DIR/tensorboard", "seed": "seed of init, data and masks",
+    "device": "cpu | cuda[:N] (default: cuda if available)", "end_lr": "lr at the end of the cosine",
+    "weight_decay": "AdamW weight decay (official 0.05)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "eval_batches": "held-out batches per eval",
+    "wandb_project": "log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline "
+                     "logs without a network)",
+    "epochs": "alternative to --steps: passes over --dataset-size samples",
+    "wandb_name": "W&B run name (default: the output folder's name)",
 }
 
+# --help sections. A field listed nowhere (a newly added one) appears under "other options".
+GROUPS = {
+    "model (the M3AEConfig fields below override the preset's)": (
+        "preset", "image_mask_ratio", "text_mask_ratio", "mask_sharing", "image_loss_weight", "text_loss_weight",
+        "norm_pix_loss", "image_all_token_loss", "text_all_token_loss", "output_head_depth", "kernels", "attention",
+        "compile_blocks"),
+    "data": ("data", "modality", "unpaired_text_data", "unpaired_text_loss_weight", "paired_fraction",
+             "random_drop_text", "unpaired_image_data", "unpaired_image_ratio", "dataset_size", "num_workers"),
+    "optimisation and schedule": ("batch_size", "grad_accum", "steps", "epochs", "base_lr", "warmup_steps",
+                                  "warmup_epochs", "end_lr", "weight_decay", "beta1", "beta2", "grad_clip",
+                                  "precision", "max_bad_steps", "seed"),
+    "checkpointing and logging": ("output_dir", "resume", "log_every", "ckpt_every", "keep_last", "eval_every",
+                                  "eval_batches", "tensorboard", "wandb_project", "wandb_name"),
+    "device and distributed": ("device", "deepspeed_config"),
+}
+NOT_FLAGS = ("deepspeed_config", "model")  # --deepspeed_config is spelt DeepSpeed's way; model: one flag per field
 
-_PARSERS = {"int": int, "float": float, "str": str, "bool": _bool, "Optional[int]": _opt_int,
-            "Optional[float]": float, "Optional[str]": str}
+
+def model_field_types() -> dict:
+    """The M3AEConfig fields train.py exposes (name -> annotation): all but those TrainConfig names itself."""
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {f.name: str(f.type) for f in dataclasses.fields(M3AEConfig) if f.name not in own and f.name != "preset"}
 
 
-def _coerce(values: dict) -> dict:
-    """File values written as strings ('1e-3': YAML 1.1 reads it as text) get the field's type;
-    a value that does not convert is reported with the field's name."""
-    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for k, v in values.items():
-        if isinstance(v, str) and k in types and types[k] not in ("str", "Optional[str]"):
-            try:
-                v = _PARSERS[types[k]](v)
-            except (ValueError, argparse.ArgumentTypeError):
-                raise ConfigError(f"{k}: expected {types[k]}, got {v!r}") from None
-        elif isinstance(v, int) and not isinstance(v, bool) and types.get(k) in ("float", "Optional[float]"):
-            v = float(v)
-        out[k] = v
+def _model_help(name: str) -> str:
+    default = {f.name: f.default for f in dataclasses.fields(M3AEConfig)}[name]
+    by_preset = [f"{p} {v[name]}" for p, v in ENCODER_PRESETS.items() if name in v]
+    return f"default {default!r}" + (f" ({', '.join(by_preset)})" if by_preset else "")
+
+
+def default_output_dir(preset: str) -> str:
+    """runs/<preset>-<UTC date>-<time>, with a -N suffix if that folder exists already."""
+    base = f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    out, n = base, 1
+    while Path(out).exists():
+        n += 1
+        out = f"{base}-{n}"
+    return out
+
+
+def load_file(path: str) -> dict:
+    """A YAML or JSON mapping of TrainConfig / M3AEConfig field names (dashes or underscores; the model
+    fields may also sit under a `model:` mapping). Unknown names get a "did you mean"."""
+    raw = read_mapping(path)
+    nested = raw.pop("model", None) or {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{path}: model: expected a mapping of M3AEConfig fields, got {nested!r}")
+    flat = {str(k).replace("-", "_"): v for k, v in {**raw, **nested}.items()}
+    train_types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    model_types = model_field_types()
+    out, model = {}, {}
+    for k, v in flat.items():
+        if k in train_types:
+            out[k] = coerce(k, v, train_types[k])
+        elif k in model_types:
+            model[k] = coerce(k, v, model_types[k])
+        else:
+            raise unknown_key_error(k, set(train_types) | set(model_types), f" in {path}")
+    if model:
+        out["model"] = model
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags default to SUPPRESS so only the flags actually given override the file."""
     S = argparse.SUPPRESS
-    p = argparse.ArgumentParser(description="Pretrain M3AE / MAE (see README: Training).", argument_default=S)
-    p.add_argument("--config", help="YAML or JSON file of options (flags below override it)")
+    p = ErrorParser(prog="train.py", usage="%(prog)s [--config FILE] [options]  (options by section below)",
+                    description="Pretrain M3AE / MAE (see README: Training). Options also go in a YAML/JSON "
+                                "file (--config); flags override it.",
+                    argument_default=S, formatter_class=HelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flags override it)")
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
+    group_of = {name: groups[title] for title, names in GROUPS.items() for name in names}
+    other = p.add_argument_group("other options")
+
+    def add(group, name, type_name, help_text):
+        flag = "--" + name.replace("_", "-")
+        if is_bool(type_name):
+            group.add_argument(flag, dest=name, action=BoolFlag, help=help_text)
+        else:
+            t = type_name.replace("Optional[", "").rstrip("]")
+            metavar = {"int": "N", "float": "X"}.get(t, "R,G,B" if t.startswith("Tuple") else name.upper())
+            group.add_argument(flag, dest=name, type=parser_for(type_name), metavar=metavar, help=help_text)
+
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "deepspeed_config":
-            continue
-        t = _PARSERS[str(f.type)]
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=t,
-                       metavar=f.name.upper(), help=HELP.get(f.name, f"default: {f.default!r}"))
+        if f.name not in NOT_FLAGS:
+            add(group_of.get(f.name, other), f.name, str(f.type), HELP.get(f.name, f"default {f.default!r}"))
+    model_group = next(iter(groups.values()))
+    for name, type_name in model_field_types().items():
+        add(model_group, name, type_name, _model_help(name))
+    dist_group = groups["device and distributed"]
     # the DeepSpeed launcher passes --local_rank; deepspeed's own flags name the config
-    p.add_argument("--local_rank", "--local-rank", type=int, help=S)
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   help="DeepSpeed JSON config: train with DeepSpeed (ZeRO) instead of plain PyTorch/DDP")
-    p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's launcher conventions")
+    dist_group.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", metavar="JSON",
+                            help="DeepSpeed JSON config: train with DeepSpeed (ZeRO) instead of plain PyTorch/DDP")
+    dist_group.add_argument("--local_rank", "--local-rank", type=int, help=S)
+    dist_group.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's launcher conventions")
     return p
 
 
 def parse(argv=None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
-    values = _coerce(load_file(args.pop("config"))) if "config" in args else {}
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((t for t in unknown if t.startswith("-")), None)
+        if flag is None:
+            raise ConfigError(f"unexpected argument {unknown[0]!r} (options are --name value)")
+        known = [a.dest for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS]
+        raise unknown_key_error(flag.split("=")[0], known, " on the command line", flag=True)
+    args = vars(args)
+    values = load_file(args.pop("config")) if "config" in args else {}
     args.pop("local_rank", None)  # the launcher also sets LOCAL_RANK, which is what we read
     args.pop("deepspeed", None)
+    model_types = model_field_types()
+    flag_model = {k: args.pop(k) for k in list(args) if k in model_types}
     for source in (values, args):  # epochs (file or flag) replace the default step counts
         if "epochs" in source and "steps" not in source:
             values["steps"] = None
@@ -322,10 +406,14 @@ def parse(argv=None) -> TrainConfig:
     if "warmup_steps" in args and "warmup_epochs" not in args:
         values["warmup_epochs"] = None
     values.update(args)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}; valid: {sorted(fields)}")
+    if flag_model:
+        values["model"] = {**values.get("model", {}), **flag_model}
     if values.get("deepspeed_config") is None and os.environ.get("M3AE_DEEPSPEED_CONFIG"):
         values["deepspeed_config"] = os.environ["M3AE_DEEPSPEED_CONFIG"]
+    if isinstance(values.get("output_dir"), str) and values["output_dir"].lower() in ("none", "null", ""):
+        values["output_dir"] = None  # explicitly: write nothing
+    elif "output_dir" not in values and values.get("resume") != "latest":  # (--resume latest names its folder)
+        values["output_dir"] = default_output_dir(values.get("preset", TrainConfig.preset))
     return TrainConfig(**values)
+
+

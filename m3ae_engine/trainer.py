@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (consolidated_state_dict, load_checkpoint, resolve_resume, save_checkpoint, save_exported,
-                         step_dir_name)
+from .checkpoint import (clean_stale_temp, consolidated_state_dict, load_first_good, resolve_resume, save_checkpoint,
+                         save_exported, step_dir_name, truncate_metrics)
 from .config import ConfigError, M3AEConfig
 from .data.sources import expand_braces, split_sources
 from .logging_utils import Logger, flops_per_sample_fn, memory_gb, peak_flops
 from .model import M3AE
 from .optim import warmup_cosine
+from .run_lock import OutputDirInUse, OutputDirLock
 from .runtime import DistInfo, build_runtime, dist_from_env, forward_micro_batch, micro_per_rank, pick_device
 from .train_config import TrainConfig
 
@@ -103,11 +104,51 @@ def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
                                 rank=info.rank, world_size=info.world_size, **drop)
-    device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"  # this rank's GPU
     return build_loader(split_sources(cfg.data), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed, rank=info.rank,
-                        world_size=info.world_size, num_workers=cfg.num_workers, device=device,
+                        world_size=info.world_size, **image_loader_options(cfg, info),
                         modality="image" if cfg.modality == "image" else "paired", **drop)
+
+
+def image_loader_options(cfg: TrainConfig, info: DistInfo) -> dict:
+    """Workers and decode device of a loader that decodes images: this rank's GPU, capped workers."""
+    return dict(num_workers=capped_workers(cfg.num_workers, info),
+                device=f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's or Slurm's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def capped_workers(requested: int, info: DistInfo) -> int:
+    """DataLoader workers <= this rank's share of the available cores (more only oversubscribe them)."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cap = max(1, available_cores() // max(1, local_ranks))
+    if requested > cap:
+        if info.is_main:
+            print(f"note: --num-workers {requested} reduced to {cap}: {available_cores()} core(s) available to "
+                  f"{local_ranks} rank(s) on this machine", flush=True)
+        return cap
+    return requested
+
+
+def agree_output_dir(cfg: TrainConfig, info: DistInfo) -> None:
+    """Every rank writes where rank 0 does: the default output folder is named by the time each rank
+    parsed its arguments, which may differ by a second."""
+    if info.distributed and dist.is_available() and dist.is_initialized():
+        box = [cfg.output_dir]
+        dist.broadcast_object_list(box, src=0)
+        cfg.output_dir = box[0]
+
+
+def log_interval(cfg: TrainConfig, total_steps: int) -> int:
+    """--log-every, but about 10 updates at least for a run shorter than 10 intervals (a 20-step run
+    would otherwise show the first step's numbers until it ends)."""
+    return max(1, min(cfg.log_every, total_steps // 10))
 
 
 def build_unpaired(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro: int, modality: str):
@@ -124,10 +165,7 @@ def build_unpaired(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, m
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed + offset, rank=info.rank, world_size=info.world_size)
     from .data import build_loader
-    image_kw = {}
-    if modality == "image":
-        image_kw = dict(num_workers=cfg.num_workers,
-                        device=f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    image_kw = image_loader_options(cfg, info) if modality == "image" else {}
     return build_loader(split_sources(spec), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed + offset,
                         rank=info.rank, world_size=info.world_size, modality=modality, **image_kw)
@@ -175,22 +213,30 @@ def _inject_steps():
 
 
 def _crash_hook():
-    """Test hook: M3AE_CRASH_IN_CHECKPOINT_STEP=N kills the process in the middle of writing step N."""
+    """Test hooks, run in the middle of a checkpoint write: M3AE_CRASH_IN_CHECKPOINT_STEP=N kills the
+    process while it writes step N; M3AE_SIGNAL_IN_CHECKPOINT=SIGNUM sends it that signal (a second
+    Ctrl-C / SIGTERM arriving during the save)."""
     at = os.environ.get("M3AE_CRASH_IN_CHECKPOINT_STEP")
-    if not at:
+    sig = os.environ.get("M3AE_SIGNAL_IN_CHECKPOINT")
+    if not at and not sig:
         return None
 
     def hook(tmp_dir):
-        if tmp_dir.name.endswith(step_dir_name(int(at))):
+        if at and tmp_dir.name.endswith(step_dir_name(int(at))):
             os._exit(17)
+        if sig:
+            os.kill(os.getpid(), int(sig))
     return hook
 
 
 class StopRequested:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
+    The handlers stay installed until that final checkpoint is written: a second signal (an impatient
+    Ctrl-C, a scheduler's repeated SIGTERM) is noted and cannot interrupt the save."""
 
     def __init__(self):
         self.signum = None
+        self.repeats = 0
         self._old = {}
         for s in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -199,11 +245,66 @@ class StopRequested:
                 pass
 
     def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.repeats += 1  # os.write: print() is not safe inside a signal handler
+            os.write(2, f"note: signal {signum} received again; finishing the checkpoint first, then "
+                        f"exiting\n".encode())
+            return
         self.signum = signum
 
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class BadRunWatch:
+    """The longest run of consecutive skipped steps, seen by the host at EVERY step (--max-bad-steps acts
+    on time) without stalling the GPU: on CUDA the device counter is copied to pinned memory after each
+    step and read one step later, once the GPU has finished that step; elsewhere it is read at once."""
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.long, pin_memory=self.lagged)
+        self.event = None
+
+    def update(self, run_max: torch.Tensor) -> int:
+        if not self.lagged:
+            return int(run_max)
+        seen = 0
+        if self.event is not None:
+            self.event.synchronize()  # the previous step: done by now while this one is queued
+            seen = int(self.host)
+        self.host.copy_(run_max, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        return seen
+
+
+def _take_output_dir(out_dir: Optional[Path], info: DistInfo, held: list) -> None:
+    """Rank 0 locks OUTPUT_DIR (run_lock.py); every rank learns the outcome, so a second run stops on all
+    ranks before it changes anything in the folder."""
+    if out_dir is None:
+        return
+    error, kind = None, OutputDirInUse
+    if info.is_main:
+        try:
+            lock = OutputDirLock(out_dir).acquire()
+            held.append(lock)
+            if lock.note:
+                print(lock.note, flush=True)
+        except OutputDirInUse as e:
+            error = str(e)
+        except OSError as e:  # not creatable / writable: one line, and the other ranks must hear of it too
+            error, kind = f"cannot write into the output folder {out_dir}: {e.strerror or e}", ConfigError
+    if dist.is_initialized():
+        flag = torch.tensor([0.0 if error is None else 1.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is None and flag.item() > 0:
+            error = f"{out_dir} cannot be used by this run (see rank 0's message)"
+    if error is not None:
+        raise kind(error)
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -240,6 +341,16 @@ def evaluate(runtime, cfg, model_config, info, micro, device) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Train; the output-dir lock is released however the run ends."""
+    held: list = []
+    try:
+        return _train(cfg, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, held: list) -> dict:
     info = dist_from_env()
     build_loader = check_data(cfg)  # before any work: a missing path fails in a second, not after init
     micro = micro_per_rank(cfg, info)  # samples per rank per micro-step
@@ -264,6 +375,7 @@ def train(cfg: TrainConfig) -> dict:
             p.requires_grad_(False)
     n_params = model.num_parameters()  # before ZeRO-3 partitions the weights away
     runtime = build_runtime(model, cfg, info, device)
+    agree_output_dir(cfg, info)
     if hasattr(runtime, "local_numel"):  # every rank: shows the ZeRO-3 split (and the tests read it)
         print(f"rank {info.rank}: holds {runtime.local_numel()} of {n_params} parameters", flush=True)
     data = build_data(cfg, model_config, info, micro, build_loader)
@@ -285,15 +397,24 @@ def train(cfg: TrainConfig) -> dict:
     meta = {"train_config": cfg.to_dict(), "model_config": model_config.to_dict(), "runtime": runtime.kind,
             "world_size": info.world_size}
 
+    _take_output_dir(out_dir, info, held)  # from here on this run alone writes into OUTPUT_DIR
+    if info.is_main and ckpt_root is not None:
+        for done in clean_stale_temp(ckpt_root):  # left by a killed run of this folder
+            print(f"note: {ckpt_root}: {done}", flush=True)
+
     # ---- resume ----
     start = 0
     bad_total = torch.zeros((), dtype=torch.long, device=device)  # skipped steps, on the device
     bad_run = torch.zeros((), dtype=torch.long, device=device)  # current run of consecutive skips
     bad_run_max = torch.zeros((), dtype=torch.long, device=device)
-    resume_path = resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
-    if resume_path is not None:
-        client = load_checkpoint(runtime, resume_path, info.rank)
+    candidates = resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else []
+    resume_path = None
+    if candidates:  # the newest that loads (--resume latest falls back, naming what it skipped)
+        resume_path, client = load_first_good(runtime, candidates, info.rank,
+                                              note=lambda m: print(m, flush=True) if info.is_main else None)
         start = int(client["step"])
+        if info.is_main and out_dir is not None:  # the steps after the checkpoint are logged again
+            truncate_metrics(out_dir / "metrics.jsonl", start)
         if hasattr(data, "load_state_dict") and client.get("data") is not None:
             data.load_state_dict(client["data"])
         if unpaired_data is not None and client.get("unpaired_text_data") is not None:
@@ -308,7 +429,9 @@ def train(cfg: TrainConfig) -> dict:
         return {"losses": {}, "first": None, "last": None, "step": start, "skipped_steps": int(bad_total),
                 "stopped": "complete", "runtime": runtime}
 
-    log = Logger(info.is_main, total, start, cfg.output_dir, cfg.tensorboard)
+    log = Logger(info.is_main, total, start, cfg.output_dir, cfg.tensorboard, wandb_project=cfg.wandb_project,
+                 wandb_name=cfg.wandb_name, wandb_config=cfg.to_dict())
+    every = log_interval(cfg, total)
     if info.is_main:
         if out_dir:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,11 +441,13 @@ def train(cfg: TrainConfig) -> dict:
                   f"runtime={runtime.kind} world={info.world_size} batch={cfg.batch_size} steps={total} "
                   f"peak_lr={cfg.peak_lr:.2e}" + (f" resumed_from={resume_path}" if resume_path else ""))
         log.print("config: " + json.dumps(cfg.to_dict(), sort_keys=True))
+        log.print(log.outputs_line())
         if runtime.kind == "deepspeed":
             log.print("deepspeed config: " + json.dumps(runtime.ds_config, sort_keys=True))
 
     inject = _inject_steps()
     stop = StopRequested()
+    bad_watch = BadRunWatch(device)
     flops_fn = flops_per_sample_fn(model_config)
     peak = peak_flops(device)
     losses, saved_at, stopped = {}, None, None  # stopped: None, "signal" or "non-finite"
@@ -378,12 +503,11 @@ def train(cfg: TrainConfig) -> dict:
             seen_log += cfg.batch_size
             log.advance()
 
-            if step % cfg.log_every == 0 or step == total or step == start + 1:
+            if step % every == 0 or step == total or step == start + 1:
                 vals = _all_reduce(acc.clone()) / info.world_size  # the global batch's losses
                 loss, img, txt, unpaired_loss, unpaired_image_loss = vals.tolist()  # one host sync for all
-                grad_norm, skipped, run_max = torch.stack([norm.float().to(device), bad_total.float(),
-                                                           bad_run_max.float()]).tolist()
-                skipped, run_max = int(skipped), int(run_max)
+                grad_norm, skipped = torch.stack([norm.float().to(device), bad_total.float()]).tolist()
+                skipped = int(skipped)
                 now = time.perf_counter()
                 rate = seen_log / max(now - t_log, 1e-9)
                 t_log, seen_log = now, 0
@@ -397,19 +521,24 @@ def train(cfg: TrainConfig) -> dict:
                 if peak is not None and cfg.modality == "paired":
                     metrics["mfu"] = flops_fn(batch["text_padding_mask"]) * rate / (peak * info.world_size)
                 losses[step] = loss
-                log.log(metrics)
-                if run_max >= cfg.max_bad_steps:
-                    stopped = "non-finite"
-                    log.print(f"error: {run_max} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}) "
-                              f"at step {step}; the weights are those of the last good step. Saving a "
-                              f"checkpoint and stopping. Lower the lr, check the data, or raise --max-bad-steps.")
-                    break
+                # the bar shows the lr the next step applies: step 0 of a warm-up applies 0 by the formula
+                log.log(metrics, display_lr=warmup_cosine(step, total, warmup, cfg.peak_lr, end_lr=cfg.end_lr)
+                        if step < total else lr)
                 signalled = torch.tensor(float(stop.signum is not None), device=device)
                 if float(_all_reduce(signalled, dist.ReduceOp.MAX if dist.is_initialized() else None)) > 0:
                     stopped = "signal"
                     break
             elif stop.signum is not None and not info.distributed:  # single process: react at once
                 stopped = "signal"
+                break
+            # every step, not only at log steps; the last step reads at once (the lagged CUDA read would
+            # miss a run of bad steps that reaches --max-bad-steps on the final step)
+            run_seen = int(bad_run_max) if step == total else bad_watch.update(bad_run_max)
+            if run_seen >= cfg.max_bad_steps:
+                stopped = "non-finite"
+                log.print(f"error: {run_seen} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}) "
+                          f"at step {step}; the weights are those of the last good step. Saving a "
+                          f"checkpoint and stopping. Lower the lr, check the data, or raise --max-bad-steps.")
                 break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
                 checkpoint(step)
@@ -418,9 +547,9 @@ def train(cfg: TrainConfig) -> dict:
                 ev["step"] = step
                 log.print("eval: " + json.dumps(ev))
                 log.log(ev)
+        checkpoint(step)  # the signal handlers stay installed until this save is complete
     finally:
         stop.restore()
-    checkpoint(step)
     if stopped == "signal":
         log.print(f"stopped by signal {stop.signum} at step {step}; resume with --resume latest")
     if out_dir is not None and stopped is None:
@@ -436,6 +565,8 @@ def train(cfg: TrainConfig) -> dict:
     if info.is_main and first is not None:
         print(f"done: loss {first:.4f} -> {last:.4f} in {time.perf_counter() - t0:.1f}s "
               f"({int(bad_total)} skipped steps)", flush=True)
+    if info.is_main:
+        print(log.outputs_line(final=True), flush=True)
     result = {"losses": losses, "first": first, "last": last, "step": step, "skipped_steps": int(bad_total),
               "stopped": stopped, "runtime": runtime}
     if stopped == "non-finite":

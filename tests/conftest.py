@@ -44,7 +44,25 @@ def pytest_configure(config):
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def _timm_problem():
+    """Why timm cannot run here (None if it can). PyPI's torchvision, which timm imports, fails to load
+    beside a torch build it was not made for (RuntimeError: operator torchvision::nms does not exist)."""
+    try:
+        import timm.data  # noqa: F401  (imports torchvision)
+    except Exception as e:  # ImportError, or the RuntimeError of a mismatched torchvision
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"needs timm + a matching torchvision (CI's .venv-timm stage): {first}"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
+    if any("timm" in item.keywords for item in items):
+        problem = _timm_problem()
+        if problem:
+            skip_timm = pytest.mark.skip(reason=problem)
+            for item in items:
+                if "timm" in item.keywords:
+                    item.add_marker(skip_timm)
     if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -26,8 +26,8 @@ def test_overrides_and_round_trip():
     (dict(emb_dim=100, num_heads=3), "divisible by num_heads"),
     (dict(dec_emb_dim=30, dec_num_heads=4), "divisible by dec_num_heads"),
     (dict(image_size=30, patch_size=8), "divisible by patch_size"),
-    (dict(image_mask_ratio=1.0), "image_mask_ratio must be in [0, 1)"),
-    (dict(text_mask_ratio=-0.1), "text_mask_ratio must be in [0, 1)"),
+    (dict(image_mask_ratio=1.5), "image_mask_ratio must be in [0, 1]"),
+    (dict(text_mask_ratio=-0.1), "text_mask_ratio must be in [0, 1]"),
     (dict(text_length=0), "text_length"),
     (dict(mask_sharing="token"), "mask_sharing"),
     (dict(gelu="relu"), "gelu"),
@@ -35,7 +35,10 @@ def test_overrides_and_round_trip():
     (dict(depth=0), "depth must be a positive integer"),
     (dict(image_std=(0.1, 0.0, 0.1)), "image_std"),
     (dict(text_loss_weight=-1.0), "text_loss_weight"),
-    (dict(image_mask_ratio=0.99), "keeps no image patch"),
+    (dict(image_mask_ratio=0.0), "masks none of the 16 image patches"),
+    (dict(image_mask_ratio=1e-17), "set image_all_token_loss"),  # 1 - 1e-17 == 1.0: keeps all 16
+    (dict(output_head_depth=-1), "output_head_depth must be an integer >= 0"),
+    (dict(image_all_token_loss=1), "image_all_token_loss must be true or false"),
 ])
 def test_validation_errors_are_clear(overrides, needle):
     with pytest.raises(ConfigError, match=__import__("re").escape(needle)):

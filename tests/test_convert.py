@@ -1,9 +1,8 @@
 """Conversion of official M3AE (Flax) parameter trees and facebookresearch/mae state dicts.
 
-The official tree is written out here by hand from the official module names (not from the converter's
-table), and the official block is re-implemented in NumPy from the official semantics.
+The official tree is written out by hand from the official module names (official_helpers.py, not from the
+converter's table), and the official block is re-implemented in NumPy from the official semantics.
 """
-import math
 import pickle
 import types
 
@@ -13,45 +12,14 @@ import torch
 
 from m3ae_engine import M3AE, M3AEConfig
 from m3ae_engine.attention import AttentionContext
-from m3ae_engine.convert import (ConversionError, config_from_official, find_params_tree, flatten_tree,
-                                 load_model, load_pickle, main, mae_config_from_state_dict, mae_to_state_dict,
-                                 official_to_state_dict, read_checkpoint, save_checkpoint,
-                                 state_dict_to_official)
+from m3ae_engine.convert import (ConversionError, config_from_official, flatten_tree, load_model, main,
+                                 mae_config_from_state_dict, mae_to_state_dict, official_to_state_dict,
+                                 read_checkpoint, save_checkpoint, state_dict_to_official)
 from m3ae_engine.masking import SequenceLayout
+from m3ae_engine.official_pickle import OfficialCheckpointError, read_official_checkpoint
 
-D, DEPTH, HEADS, DD, DDEPTH, DHEADS = 32, 2, 4, 16, 1, 2
-P, IMG, LT, V = 8, 16, 8, 50  # patch, image size, text length, vocab
-
-
-def official_tree(rng, with_text=True, d=D, dd=DD, depth=DEPTH, ddepth=DDEPTH, patch=P, vocab=V):
-    """Random params with the official names and shapes (m3ae_public m3ae/model.py)."""
-    pd = patch * patch * 3
-    r = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.2  # noqa: E731
-
-    def dense(i, o):
-        return {"kernel": r(i, o), "bias": r(o)}
-
-    def ln(n):
-        return {"scale": 1 + r(n), "bias": r(n)}
-
-    def stack(n, w):
-        t = {f"Block_{i}": {"LayerNorm_0": ln(w), "LayerNorm_1": ln(w),
-                            "Attention_0": {"Dense_0": dense(w, 3 * w), "Dense_1": dense(w, w)},
-                            "TransformerMLP_0": {"fc1": dense(w, 4 * w), "fc2": dense(4 * w, w)}}
-             for i in range(n)}
-        t["LayerNorm_0"] = ln(w)
-        return t
-
-    tree = {"image_embedding": dense(pd, d), "encoder_image_type_embedding": r(1, 1, d),
-            "decoder_image_type_embedding": r(1, 1, dd), "cls_token": r(1, 1, d),
-            "image_mask_embedding": r(1, 1, dd), "encoder": stack(depth, d), "decoder": stack(ddepth, dd),
-            "decoder_input_projection": dense(d, dd), "decoder_image_output": {"Dense_0": dense(dd, pd)}}
-    if with_text:
-        tree.update({"text_embedding": {"embedding": r(vocab, d)}, "encoder_text_type_embedding": r(1, 1, d),
-                     "decoder_text_type_embedding": r(1, 1, dd), "text_mask_embedding": r(1, 1, dd),
-                     "decoder_text_output": {"Dense_0": dense(dd, vocab)}})
-    return tree
-
+from official_helpers import (D, DD, DDEPTH, DEPTH, DHEADS, HEADS, IMG, LT, P, V, np_gelu_tanh, np_layernorm,
+                              official_tree)
 
 def tiny_official_config(**kw):
     return M3AEConfig(emb_dim=D, depth=DEPTH, num_heads=HEADS, dec_emb_dim=DD, dec_depth=DDEPTH,
@@ -59,16 +27,6 @@ def tiny_official_config(**kw):
 
 
 # ---------------------------------------------------------------- NumPy official semantics
-def np_layernorm(x, scale, bias, eps=1e-6):
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * scale + bias
-
-
-def np_gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
 def np_block(x, p, heads):
     """Official Flax Block on x [B, N, C] (float64)."""
     b, n, c = x.shape
@@ -139,7 +97,7 @@ def test_official_tree_converts_runs_and_roundtrips(tmp_path):
     path = tmp_path / "model.pkl"
     with open(path, "wb") as f:
         pickle.dump({"step": 3, "state": types.SimpleNamespace(params={"params": tree}, step=3)}, f)
-    flat = flatten_tree(find_params_tree(load_pickle(path)))
+    flat = flatten_tree(read_official_checkpoint(path).params)
     cfg = config_from_official(flat, image_size=IMG, text_length=LT, num_heads=HEADS, dec_num_heads=DHEADS)
     assert (cfg.emb_dim, cfg.depth, cfg.dec_emb_dim, cfg.dec_depth, cfg.patch_size, cfg.vocab_size) == \
         (D, DEPTH, DD, DDEPTH, P, V)
@@ -214,7 +172,7 @@ def test_image_only_official_tree_reports_text_not_converted():
     assert out.text_loss is None and torch.isfinite(out.image_loss)
 
 
-def test_official_missing_unexpected_and_shape_errors_are_reported():
+def test_official_missing_unexpected_and_shape_errors_are_reported(tmp_path):
     tree = official_tree(np.random.default_rng(4))
     del tree["encoder"]["Block_1"]["TransformerMLP_0"]["fc2"]
     tree["extra_head"] = {"kernel": np.zeros((2, 2), np.float32)}
@@ -223,10 +181,14 @@ def test_official_missing_unexpected_and_shape_errors_are_reported():
     assert "encoder/Block_1/TransformerMLP_0/fc2/kernel" in report.missing
     assert "extra_head/kernel" in report.unexpected
     assert any(s.startswith("cls_token") for s in report.shape_mismatch)
-    with pytest.raises(ConversionError, match="(?s)MISSING.*fc2"):
+    with pytest.raises(ConversionError, match=r"cannot convert: 2 missing \(encoder/Block_1/TransformerMLP_0/fc2/"
+                                              r"kernel; encoder/Block_1/TransformerMLP_0/fc2/bias\), 1 mis-shaped \(cls_token \(1, 1, 33\) -> cls_token "
+                                              r"expects \(1, 1, 32\)\), 1 unexpected \(extra_head/kernel\) tensors$"):
         report.raise_if_errors()
-    with pytest.raises(ConversionError, match="no official M3AE parameter tree"):
-        find_params_tree({"state": {"foo": 1}})
+    no_tree = tmp_path / "no_tree.pkl"
+    no_tree.write_bytes(pickle.dumps({"state": {"foo": 1}}))
+    with pytest.raises(OfficialCheckpointError, match="no official M3AE parameter tree"):
+        read_official_checkpoint(no_tree)
 
 
 def test_cli_m3ae_to_torch_and_back(tmp_path, capsys):
@@ -239,8 +201,7 @@ def test_cli_m3ae_to_torch_and_back(tmp_path, capsys):
     model, report = load_model(tmp_path / "conv")
     assert report.ok and model.config.emb_dim == D
     assert main(["torch-to-m3ae", str(tmp_path / "conv"), str(tmp_path / "back.pkl")]) == 0
-    back = load_pickle(tmp_path / "back.pkl")
-    flat_back = flatten_tree(find_params_tree(back))
+    flat_back = flatten_tree(read_official_checkpoint(tmp_path / "back.pkl").params)
     for k, v in flatten_tree(tree).items():
         assert np.array_equal(flat_back[k], v), k
     # bad inputs give a clear error and exit code 2
@@ -390,7 +351,7 @@ def test_flax_objects_unpickle_without_flax(tmp_path, monkeypatch, capsys):
         pickle.dump({"state": state, "epoch": 1}, f)
     for name in ("flax", "flax.core", "flax.core.frozen_dict", "flax.training", "flax.training.train_state"):
         monkeypatch.delitem(sys.modules, name)  # flax is "not installed" while loading
-    flat = flatten_tree(find_params_tree(load_pickle(path)))
+    flat = flatten_tree(read_official_checkpoint(path).params)
     for k, v in flatten_tree(tree).items():
         assert np.array_equal(flat[k], v), k
     # a pickle that would run code on load is not executed
@@ -400,5 +361,55 @@ def test_flax_objects_unpickle_without_flax(tmp_path, monkeypatch, capsys):
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"state": {"params": {"params": tree}}, "x": Evil()}, f)
     capsys.readouterr()
-    assert "encoder" in find_params_tree(load_pickle(tmp_path / "evil.pkl"))
+    assert "encoder" in read_official_checkpoint(tmp_path / "evil.pkl").params
     assert "pwned" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- train.py checkpoint directories
+def test_inspect_and_convert_a_training_checkpoint_directory(tmp_path, capsys):
+    from m3ae_engine.train_config import TrainConfig
+    from m3ae_engine.trainer import train
+    train(TrainConfig(batch_size=4, steps=2, warmup_steps=1, log_every=1, tensorboard=False, ckpt_every=2,
+                      num_workers=0, output_dir=str(tmp_path / "run")))
+    step_dir = tmp_path / "run" / "checkpoints" / "step_00000002"
+    capsys.readouterr()
+    assert main(["inspect", str(step_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "train.py checkpoint: step 2, runtime torch" in out and "optimizer state: " in out
+    assert "state.pt (" in out and "preset='tiny'" in out and '"emb_dim": 64' in out
+    # its weights convert and load (the same as the run's final export, saved at the same step)
+    assert main(["to-torch", str(step_dir), str(tmp_path / "conv")]) == 0
+    model, report = load_model(tmp_path / "conv")
+    final, _ = load_model(tmp_path / "run")
+    for k, v in final.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # and torch-to-m3ae keeps its step
+    assert main(["torch-to-m3ae", str(step_dir), str(tmp_path / "o.pkl")]) == 0
+    assert read_official_checkpoint(tmp_path / "o.pkl").step == 2
+    # a DeepSpeed checkpoint is described, its shards are not read
+    ds = tmp_path / "ds_step"
+    ds.mkdir()
+    (ds / "deepspeed").mkdir()
+    (ds / "meta.json").write_text((step_dir / "meta.json").read_text().replace('"runtime": "torch"', '"runtime": "deepspeed"'))
+    capsys.readouterr()
+    assert main(["inspect", str(ds)]) == 0
+    assert "runtime deepspeed" in capsys.readouterr().out
+    assert main(["to-torch", str(ds), str(tmp_path / "x")]) == 2
+    assert "m3ae_engine.checkpoint export" in capsys.readouterr().err
+
+
+def test_truncated_torch_file_is_a_one_line_error(tmp_path, capsys):
+    good = tmp_path / "mae.pth"
+    torch.save({"model": {"cls_token": torch.ones(1, 1, 8)}}, good)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(good.read_bytes()[:64])
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: unreadable, truncated or corrupt") and err.count("\n") == 1, err
+    with pytest.raises(ConversionError, match="unreadable, truncated or corrupt"):
+        load_model(bad)
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(good.read_bytes()[:64])
+    assert main(["inspect", str(bad_st)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad_st}: unreadable, truncated or corrupt") and err.count("\n") == 1, err

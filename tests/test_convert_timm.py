@@ -48,8 +48,9 @@ def test_timm_layout_gives_same_cls_features(gelu, type_emb):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.timm
 def test_timm_vision_transformer_loads_export_and_matches(tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
     from timm.models.vision_transformer import VisionTransformer
     model, cfg = _model()
     save_checkpoint(model.state_dict(), cfg, tmp_path / "ckpt")

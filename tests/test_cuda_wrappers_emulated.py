@@ -34,6 +34,14 @@ def _rows(ptr, n, stride, d, dtype):
     return torch.as_strided(flat, (n, d), (stride, 1))
 
 
+def _required(op, **pointers):
+    """The M3AE_CHECKs of the csrc entry points: these pointers must not be null (an empty tensor's
+    data_ptr() is 0 on a GPU, so a wrapper must not call _C with zero rows where the C code needs them)."""
+    missing = [name for name, ptr in pointers.items() if not ptr]
+    if missing:
+        raise RuntimeError(f"m3ae_engine._C.{op}: required pointer(s) {missing} are null")
+
+
 class EmulatedC:
     """Plain-torch versions of the _C entry points, same signatures and semantics (csrc/ops.h)."""
     REDUCE_CHUNK_ROWS = 256
@@ -41,6 +49,7 @@ class EmulatedC:
     @staticmethod
     def gather_forward(out, image, image_stride, n_image, text, text_stride, n_text, cls, row_source, rows, D,
                        dtype, device, stream):
+        _required("gather_forward", out=out, row_source=row_source)
         dt = _DT[dtype]
         o = _rows(out, rows, D, D, dt)
         src = _view(row_source, rows, torch.int32).long()
@@ -64,6 +73,7 @@ class EmulatedC:
     @staticmethod
     def gather_backward(grad, rows, D, row_source, grad_image, image_row_of, n_image, grad_text, text_row_of, n_text,
                         grad_cls, workspace, workspace_elems, dtype, device, stream):
+        _required("gather_backward", grad=grad, row_source=row_source)
         dt = _DT[dtype]
         EmulatedC._copy_by_index(grad_image, grad, image_row_of, n_image, rows, D, dt)
         EmulatedC._copy_by_index(grad_text, grad, text_row_of, n_text, rows, D, dt)
@@ -76,8 +86,12 @@ class EmulatedC:
     @staticmethod
     def unshuffle_forward(out, visible, visible_stride, n_visible, mask_tokens, type_embeddings, pos_table, n_pos,
                           row_visible, row_kind, row_pos, rows, D, dtype, device, stream):
+        _required("unshuffle_forward", out=out, mask_tokens=mask_tokens, row_visible=row_visible, row_kind=row_kind,
+                  row_pos=row_pos)
         dt = _DT[dtype]
         vis = _rows(visible, n_visible, visible_stride, D, dt)
+        if vis is None:  # the kernel reads no visible row then (csrc/unshuffle.cu: `visible ? n_visible : 0`)
+            vis = torch.zeros(0, D, dtype=dt)
         mt = _view(mask_tokens, 2 * D, torch.float32).view(2, D)
         ty = _view(type_embeddings, 2 * D, torch.float32)
         pt = _view(pos_table, n_pos * D, torch.float32)
@@ -89,6 +103,7 @@ class EmulatedC:
     @staticmethod
     def unshuffle_backward(grad, rows, D, row_visible, row_kind, grad_visible, row_of_visible, n_visible, grad_mask,
                            grad_type, workspace, workspace_elems, dtype, device, stream):
+        _required("unshuffle_backward", grad=grad, row_visible=row_visible, row_kind=row_kind)
         dt = _DT[dtype]
         EmulatedC._copy_by_index(grad_visible, grad, row_of_visible, n_visible, rows, D, dt)
         if grad_mask:
@@ -118,6 +133,8 @@ class EmulatedC:
     @staticmethod
     def masked_mse_forward(pred, pred_stride, pred_dtype, imgs, img_dtype, B, C, H, W, patch, patch_index,
                            row_weight, rows, norm_pix, mean, std, row_loss, loss, device, stream):
+        _required("masked_mse_forward", pred=pred, imgs=imgs, patch_index=patch_index, row_weight=row_weight,
+                  loss=loss)
         P = patch * patch * C
         t = EmulatedC._mse_target(imgs, img_dtype, B, C, H, W, patch, patch_index, rows, norm_pix, mean, std)
         pr = _rows(pred, rows, pred_stride, P, _DT[pred_dtype]).float()
@@ -128,6 +145,7 @@ class EmulatedC:
     @staticmethod
     def masked_mse_backward(grad_pred, pred, pred_stride, pred_dtype, imgs, img_dtype, B, C, H, W, patch,
                             patch_index, row_weight, rows, norm_pix, mean, std, grad_loss, device, stream):
+        _required("masked_mse_backward", pred=pred, imgs=imgs, patch_index=patch_index, row_weight=row_weight)
         P = patch * patch * C
         t = EmulatedC._mse_target(imgs, img_dtype, B, C, H, W, patch, patch_index, rows, norm_pix, mean, std)
         pr = _rows(pred, rows, pred_stride, P, _DT[pred_dtype]).float()

@@ -159,3 +159,28 @@ def test_cli_entry_point(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr
     assert "1 shard(s), 3 samples" in r.stdout
+
+
+def test_write_matches_caption_keys_by_name_or_stem_and_fails_when_nothing_is_written(tmp_path, capsys):
+    src = tmp_path / "photos"
+    caps = _image_folder(str(src), n=3)
+    os.makedirs(src / "sub")
+    os.replace(src / "img2.jpg", src / "sub" / "img2.jpg")
+    rows = [("img0", caps["img0.jpg"]), ("img1.jpg", caps["img1.jpg"]), ("sub/img2", caps["img2.jpg"])]
+    (tmp_path / "stems.csv").write_text("path,caption\n" + "".join(f"{k},{c}\n" for k, c in rows))
+    assert main(["write", str(src), str(tmp_path / "out"), "--captions", str(tmp_path / "stems.csv")]) == 0
+    (shard,) = (tmp_path / "out").glob("*.tar")
+    assert sorted(v.decode() for k, v in members(shard).items() if k.endswith(".txt")) == sorted(caps.values())
+    # nothing matches: exit 2 with one line saying why, not "wrote 0 shards" and exit 0
+    (tmp_path / "wrong.csv").write_text("photo_a.jpg,a caption\nphoto_b.jpg,another\n")
+    capsys.readouterr()
+    assert main(["write", str(src), str(tmp_path / "out2"), "--captions", str(tmp_path / "wrong.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "2 caption key(s) match no image" in err and "error: no sample written" in err
+    assert not list((tmp_path / "out2").glob("*.tar"))
+    # a stem two images share is refused rather than guessed
+    from PIL import Image
+    Image.new("RGB", (20, 20)).save(src / "img0.png")
+    (tmp_path / "ambiguous.csv").write_text("img0,a caption\n")
+    assert main(["write", str(src), str(tmp_path / "out3"), "--captions", str(tmp_path / "ambiguous.csv")]) == 2
+    assert "caption key 'img0' matches 2 images" in capsys.readouterr().err

@@ -135,7 +135,7 @@ def test_clear_errors_on_bad_shapes():
     with pytest.raises(ValueError, match="x must be"):
         ops.random_masking(torch.randn(3, 4), 0.5)
     with pytest.raises(ValueError, match="mask_ratio"):
-        ops.random_masking(torch.randn(1, 3, 4), 1.0)
+        ops.random_masking(torch.randn(1, 3, 4), 1.5)
     with pytest.raises(ValueError, match="pred must be"):
         ops.masked_mse_loss(torch.randn(2, 3, 8, 8), torch.randn(2, 4, 10), torch.ones(2, 4), 4)
     with pytest.raises(ValueError, match="weight must be"):

@@ -133,3 +133,17 @@ def test_caption_lengths_follow_the_stated_distribution():
     b = throughput.make_batches(1, 5, c, torch.device("cpu"), False, 0)[0]
     assert torch.equal((1 - b.text_padding_mask).sum(1).long(), b.lengths)
     assert ((b.text != 0) == (b.text_padding_mask == 0)).all()
+
+
+def test_cpu_run_says_smoke_test_reports_spread_and_writes_outside_tracked_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(throughput, "ROOT", tmp_path)  # the default folder is relative to the checkout
+    result = throughput.main(["--device", "cpu", "--batch-size", "2", "--steps", "3", "--warmup", "1",
+                              "--num-batches", "1", "--variants", "engine"])
+    out = capsys.readouterr().out
+    assert "smoke test" in out and "say nothing about GPU speed" in out
+    assert Path(result["json_path"]).parent == tmp_path / "runs" / "benchmarks"
+    assert "smoke test" in Path(result["json_path"]).with_suffix(".md").read_text()
+    (r,) = result["results"]
+    assert r["timed_steps"] == 3 and r["step_ms_p10"] <= r["step_ms"] <= r["step_ms_p90"]
+    defaults = throughput.parse_args([])
+    assert defaults.steps >= 20 and defaults.warmup >= 3 and defaults.out_dir is None

@@ -13,7 +13,8 @@ from m3ae_engine.trainer import check_data
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "batch_size must be a positive integer"),
     (["--preset", "giant"], "preset must be one of"),
-    (["--image-mask-ratio", "1.0"], "image_mask_ratio must be in [0, 1)"),
+    (["--image-mask-ratio", "1.5"], "image_mask_ratio must be in [0, 1]"),
+    (["--image-mask-ratio", "0.0"], "masks none of the 16 image patches"),
     (["--mask-sharing", "device"], "mask_sharing must be 'sample' or 'batch'"),
     (["--text-loss-weight", "-1"], "text_loss_weight must be >= 0"),
     (["--kernels", "fast"], "kernels must be one of"),
@@ -95,7 +96,7 @@ def test_ds_config_filled_from_the_run(tmp_path):
 
 
 def test_shipped_yaml_configs_parse():
-    cfg = parse(["--config", "configs/tiny.yaml"])
+    cfg = parse(["--config", "configs/tiny.yaml", "--output-dir", "none"])
     assert cfg == TrainConfig(base_lr=1.5e-3)  # the file spells out the no-argument default run
     cfg = parse(["--config", "configs/m3ae_base.yaml", "--data", "synthetic"])
     assert (cfg.total_steps, cfg.total_warmup_steps) == (244141, 12207) and cfg.peak_lr == pytest.approx(2.4e-3)

@@ -8,14 +8,22 @@ every rank reads a different part (`stick_to_shard=False`), so ranks read disjoi
 epoch and cover the set together. Shuffling is DALI's: a buffer of `shuffle_buffer` samples
 (`initial_fill`) seeded by `seed` (+ rank).
 
-DALI cannot skip a corrupt image mid-batch (the pipeline raises): validate shards offline first
-(`python -m m3ae_engine.data.shards validate`).
+Corrupt images: a truncated JPEG, which libjpeg-turbo half-decodes without an error (grey rows), is
+caught by the loaders' shared rule (transforms.jpeg_complete, checked on the encoded bytes the pipeline
+also returns) and treated as the other loaders do: skipped (its slot takes another sample of the batch,
+image and caption), counted (`corrupt_count`, `corrupt_samples`) and named in a warning. A JPEG DALI
+cannot decode at all stops the pipeline (DALI has no skip): that ends in a one-line DataError naming
+the shard and sample when DALI says which, with the `validate --fix` hint. Validate shards offline first
+(`python -m m3ae_engine.data.shards validate`). `auto` picks DALI on a CPU too: it measured fastest
+there (data/README.md).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import warnings
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
@@ -26,7 +34,10 @@ from .sources import (IMAGE_EXTS, DataError, build_table, decode_text, expand_so
                       index_path_for, load_index, split_name, write_index)
 from .text_drop import TextDrop, tokenise_with_drop
 from .order import check_resume, finite_length, resume_state
-from .transforms import RATIO, SCALE
+from .transforms import RATIO, SCALE, jpeg_complete
+
+MAX_WARNINGS = 20
+_FAILED_SAMPLE = re.compile(r"Failed to decode sample #\d+ : (\S+)")
 
 
 def dali_available() -> bool:
@@ -105,6 +116,7 @@ class DaliLoader:
         self._pipe = None
         self._checkpoint: Optional[str] = None
         self.corrupt_count = 0
+        self.corrupt_samples: List[str] = []
 
     @property
     def threads(self) -> int:
@@ -151,11 +163,12 @@ class DaliLoader:
             else:
                 img = fn.crop_mirror_normalize(img, crop=[S, S], mirror=mirror, output_layout="CHW",
                                                dtype=types.UINT8)
-            if self.modality == "paired" and self.text_drop.active:
-                return img, outs[1], fn.get_property(outs[1], key="source_info")
+            # the encoded bytes and their "shard:offset:member" name come back too: the host checks each
+            # JPEG for truncation (jpeg_complete), names a bad one, and finds a sample's table index by it
+            info = fn.get_property(jpegs, key="source_info")
             if self.modality == "paired":
-                return img, outs[1]
-            return img
+                return img, jpegs, info, outs[1]
+            return img, jpegs, info
 
         kw = {"checkpoint": self._checkpoint} if self._checkpoint else {}
         p = pipe(**kw)
@@ -188,15 +201,25 @@ class DaliLoader:
             self._pipe = self._build()
         end = self._end_step()
         while end is None or self.step < end:
-            outs = self._pipe.run()
+            try:
+                outs = self._pipe.run()
+            except RuntimeError as e:  # DALI cannot skip: one line naming the sample when DALI says which
+                raise DataError(self._decode_error(e)) from None
             img = self._to_torch(outs[0])
-            batch = {"image": img, "decoder": self.decoder}
+            keys = [self._sample_key(np.array(outs[2][i]).tobytes().decode("utf-8", errors="replace"))
+                    for i in range(len(outs[2]))]
+            donors = self._skip_truncated(outs[1], keys)
+            batch = {"image": img, "decoder": self.decoder, "key": keys}
+            if donors is not None:  # truncated slots take a donor's image, caption and key
+                batch["image"] = img[torch.tensor(donors, device=img.device)]
+                batch["key"] = [keys[d] for d in donors]
             if self.modality == "paired":
-                tl = outs[1]
+                tl = outs[3]
                 caps = [decode_text(bytes(np.array(tl[i]))) for i in range(len(tl))]
+                if donors is not None:
+                    caps = [caps[d] for d in donors]
                 dropped = [False] * len(caps)
                 if self.text_drop.active:
-                    batch["key"] = [self._sample_key(bytes(np.array(outs[2][i])).decode()) for i in range(len(tl))]
                     indices = [self._index_of[k] for k in batch["key"]]
                     dropped = self.text_drop.flags(indices, [self.epoch] * len(indices))
                 batch["text"], batch["text_padding_mask"], batch["caption"] = tokenise_with_drop(
@@ -204,11 +227,46 @@ class DaliLoader:
             self.step += 1
             yield batch
 
+    def _skip_truncated(self, encoded, keys) -> Optional[List[int]]:
+        """The donor of each slot when some JPEG of the batch is truncated (the Pillow and nvJPEG loaders'
+        policy: counted, named, replaced by another sample of the batch), None when all are whole."""
+        bad = [i for i in range(len(encoded)) if not jpeg_complete(np.array(encoded[i]).tobytes())]
+        if not bad:
+            return None
+        good = [i for i in range(len(encoded)) if i not in bad]
+        if not good:
+            raise DataError(f"no decodable image in a whole batch (first keys {keys[:3]}): the shards need "
+                            f"`python -m m3ae_engine.data.shards validate --fix`")
+        donors = list(range(len(encoded)))
+        for n, i in enumerate(bad):
+            donors[i] = good[n % len(good)]
+            self.corrupt_count += 1
+            if len(self.corrupt_samples) < 1000:
+                self.corrupt_samples.append(keys[i])
+            if self.corrupt_count <= MAX_WARNINGS:
+                warnings.warn(f"skipping corrupt image {keys[i]}: truncated JPEG (no end-of-image marker) "
+                              f"(validate the shards: python -m m3ae_engine.data.shards validate)",
+                              RuntimeWarning, stacklevel=3)
+        return donors
+
+    def _decode_error(self, e: Exception) -> str:
+        m = _FAILED_SAMPLE.search(str(e))
+        where = f"in {self._sample_key(m.group(1))}" if m else f"in one of the shards {self.paths[:3]}" + \
+            ("..." if len(self.paths) > 3 else "") + " (DALI does not say which sample)"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "Critical error" not in ln
+                 and "pipeline object" not in ln]
+        detail = lines[-1] if lines else type(e).__name__
+        return (f"DALI could not decode an image {where} ({detail}); DALI cannot skip it: clean the shards with "
+                f"`python -m m3ae_engine.data.shards validate SHARDS --fix OUT` (the Pillow loader, "
+                f"build_loader(decoder='cpu'), skips and counts such images)")
+
     @staticmethod
     def _sample_key(source_info: str) -> str:
-        """DALI's "path:offset:dir/KEY.txt" -> "path:dir/KEY", the table's key of the sample."""
-        path, _, member = source_info.rsplit(":", 2)
-        return f"{path}:{split_name(member)[0]}"
+        """DALI's "path:offset:dir/KEY.jpg" -> "path:dir/KEY", the table's key of the sample."""
+        parts = source_info.rsplit(":", 2)
+        if len(parts) != 3:
+            return source_info
+        return f"{parts[0]}:{split_name(parts[2])[0]}"
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:

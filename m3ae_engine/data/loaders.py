@@ -27,7 +27,7 @@ from ..reference import normalize_image
 from .order import RankOrder, check_resume, finite_length, resume_state
 from .sources import DataError, Reader, build_table, decode_text, expand_sources, read_text_lines
 from .text_drop import TextDrop, tokenise_with_drop
-from .transforms import (RATIO, SCALE, augment_gpu, augment_pil, decode_pil, jpeg_components,
+from .transforms import (RATIO, SCALE, augment_gpu, augment_pil, decode_pil, jpeg_complete, jpeg_components,
                          sample_params)
 
 MAX_WARNINGS = 20
@@ -273,7 +273,8 @@ class NvJpegLoader(_ShardLoaderBase):
         from torchvision.io import ImageReadMode, decode_jpeg
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
         # nvJPEG gets the 1- and 3-component JPEGs; CMYK/YCCK (4), non-JPEG and unparseable go to Pillow
-        jpeg = [i for i, d in enumerate(data) if jpeg_components(d) in (1, 3)]
+        # a truncated JPEG goes to Pillow too, which refuses it (decode_pil): nvJPEG would half-decode it
+        jpeg = [i for i, d in enumerate(data) if jpeg_components(d) in (1, 3) and jpeg_complete(d)]
         out: List[Optional[torch.Tensor]] = [None] * len(data)
         if jpeg:
             try:

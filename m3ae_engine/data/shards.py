@@ -3,15 +3,17 @@
   write SRC OUT [--captions FILE.csv|FILE.jsonl] [--samples-per-shard N]
       WebDataset shards OUT/00000.tar, ... (KEY.jpg + KEY.txt + KEY.json, as img2dataset writes them)
       from a folder of images with captions: a sidecar IMAGE.txt next to each image, or a CSV
-      (path,caption; header optional) / JSONL ({"path": ..., "caption": ...}) with paths relative
-      to SRC. JPEGs are stored as they are; other formats are re-encoded to JPEG (quality 95). Each
+      (path,caption; header optional) / JSONL ({"path": ..., "caption": ...}) keyed by the path
+      relative to SRC, the file name or the file name without extension (a name or stem shared by
+      two images is an error). Writing no sample at all is an error (exit 2). JPEGs are stored as they are; other formats are re-encoded to JPEG (quality 95). Each
       shard gets its DALI index (.idx).
   index SHARDS...                       DALI wds2idx index (v1.2) next to each shard
   validate SHARDS... [--fix OUT] [--image-only]
       decode every image; one line per bad sample `SHARD<TAB>KEY<TAB>PROBLEM<TAB>detail` with PROBLEM
-      in corrupt | truncated | non-jpeg | missing-image | missing-caption | truncated-tar; exit 1
-      when any. --fix writes cleaned shards (bad samples dropped, decodable non-JPEGs re-encoded)
-      with their indices into OUT.
+      in corrupt | truncated | non-jpeg | missing-image | missing-caption | truncated-tar | empty |
+      unsafe-name (an absolute or `..` member name); exit 1 when any. --fix writes cleaned shards (bad
+      samples and unsafe members dropped, decodable non-JPEGs re-encoded; no file for a shard left
+      empty) with their indices into OUT.
   stats SHARDS... [--text-length L] [--json]
       sample / image / caption counts and the caption length distribution in tokens.
 SHARDS: paths, globs or brace patterns (data/{00000..00099}.tar).
@@ -32,7 +34,7 @@ import numpy as np
 
 from .sources import (IMAGE_EXTS, DataError, decode_text, expand_sources, index_path_for, iter_tar_samples,
                       scan_tar, write_index)
-from .transforms import decode_pil, is_jpeg
+from .transforms import decode_pil, is_jpeg, jpeg_complete
 
 PIL_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -123,6 +125,34 @@ def _read_captions(path: str) -> Dict[str, str]:
     return caps
 
 
+def _stem(path: str) -> str:
+    return os.path.splitext(path)[0]
+
+
+def match_captions(images: List[str], caps: Dict[str, str]) -> Tuple[Dict[str, str], List[str]]:
+    """{image relpath: caption} for caption keys given as the relative path, with or without extension, the
+    file name or its stem; and the keys that match no image. A key matching several images is an error."""
+    by_key: Dict[str, set] = {}
+    for rel in images:
+        rel_n = os.path.normpath(rel)
+        for k in {rel_n, _stem(rel_n), os.path.basename(rel_n), _stem(os.path.basename(rel_n))}:
+            by_key.setdefault(k, set()).add(rel)
+    out, unmatched = {}, []
+    for key, cap in caps.items():
+        hits = by_key.get(key, set())
+        exact = [r for r in hits if os.path.normpath(r) == key]
+        if exact:
+            hits = set(exact)
+        if len(hits) > 1:
+            raise DataError(f"caption key {key!r} matches {len(hits)} images ({', '.join(sorted(hits)[:3])}); "
+                            f"key the captions by the path relative to the image folder")
+        if not hits:
+            unmatched.append(key)
+            continue
+        out[hits.pop()] = cap
+    return out, unmatched
+
+
 def write_shards(src: str, out_dir: str, captions: Optional[str] = None, samples_per_shard: int = 10000,
                  quality: int = 95) -> Tuple[List[str], Dict[str, int]]:
     """Shards from a folder of images (+ sidecar .txt, or a CSV/JSONL captions file). Returns (shards, counts)."""
@@ -137,13 +167,20 @@ def write_shards(src: str, out_dir: str, captions: Optional[str] = None, samples
     images.sort()
     if not images:
         raise DataError(f"no images ({', '.join(PIL_EXTS)}) under {src}")
+    unmatched: List[str] = []
+    if caps is not None:
+        caps, unmatched = match_captions(images, caps)
+        if unmatched:
+            print(f"warning: {len(unmatched)} caption key(s) match no image under {src}, e.g. "
+                  f"{', '.join(repr(k) for k in unmatched[:3])}", file=sys.stderr)
     w = ShardWriter(out_dir, samples_per_shard)
-    counts = {"written": 0, "missing_caption": 0, "unreadable": 0, "reencoded": 0}
+    counts = {"written": 0, "missing_caption": 0, "unreadable": 0, "reencoded": 0,
+              "unmatched_captions": len(unmatched)}
     digits = max(4, len(str(samples_per_shard - 1)))
     for rel in images:
         path = os.path.join(src, rel)
         if caps is not None:
-            cap = caps.get(os.path.normpath(rel))
+            cap = caps.get(rel)
         else:
             side = os.path.splitext(path)[0] + ".txt"
             cap = open(side, encoding="utf-8").read().strip() if os.path.exists(side) else None
@@ -165,7 +202,13 @@ def write_shards(src: str, out_dir: str, captions: Optional[str] = None, samples
         meta = json.dumps({"key": key, "path": rel, "caption": cap}).encode()
         w.write(key, {"jpg": data, "txt": cap.encode("utf-8"), "json": meta})
         counts["written"] += 1
-    return w.close(), counts
+    written = w.close()
+    if not counts["written"]:
+        source = f"{captions} (keys: path relative to {src}, file name or stem)" if captions else \
+            "sidecar IMAGE.txt files"
+        raise DataError(f"no sample written: none of the {len(images)} image(s) under {src} has a caption from "
+                        f"{source}; counts {counts}")
+    return written, counts
 
 
 def index_shards(paths: Iterable[str]) -> List[str]:
@@ -181,6 +224,8 @@ def index_shards(paths: Iterable[str]) -> List[str]:
 def check_image(data: bytes) -> Optional[Tuple[str, str]]:
     """None when `data` is a decodable JPEG, else (problem, detail)."""
     from PIL import Image
+    if not jpeg_complete(data):  # the loaders' rule (transforms.jpeg_complete)
+        return "truncated", "JPEG without an end-of-image marker after the last scan"
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -197,9 +242,9 @@ def check_image(data: bytes) -> Optional[Tuple[str, str]]:
 def validate_shard(path: str, need_caption: bool = True) -> Tuple[List[Tuple[str, str, str]], int,
                                                                       List[Tuple[str, Dict[str, bytes]]]]:
     """(problems [(key, problem, detail)], samples seen, clean samples for --fix)."""
-    problems, clean, n = [], [], 0
+    problems, clean, n, unsafe = [], [], 0, []
     try:
-        for key, mem in iter_tar_samples(path):
+        for key, mem in iter_tar_samples(path, unsafe):
             n += 1
             ie = next((e for e in IMAGE_EXTS if e in mem), None)
             if ie is None:
@@ -222,6 +267,10 @@ def validate_shard(path: str, need_caption: bool = True) -> Tuple[List[Tuple[str
                 clean.append((key, fixed))
     except DataError as e:
         problems.append(("-", "truncated-tar", str(e)))
+    problems += [(name, "unsafe-name", "absolute or '..' member name (never read; dropped by --fix)")
+                 for name in unsafe]
+    if n == 0 and not problems:
+        problems.append(("-", "empty", "no samples in this tar (training rejects it)"))
     return problems, n, clean
 
 

@@ -5,7 +5,9 @@ sharing the key (everything before the first dot of the file name). Sources are 
 globs (`data/*.tar`) or brace patterns (`data/{00000..00099}.tar`, `data/{a,b}.tar`), or a mix.
 
 Every error about a file names the file: a missing or unreadable shard, a pattern that matches
-nothing, a truncated tar, a stale or malformed index.
+nothing, a truncated tar, a stale or malformed index. Members whose names are absolute or climb out
+with `..` (a tar made to escape a folder when extracted) are skipped and counted, never read.
+A brace pattern may name at most MAX_BRACE_EXPANSION paths.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import glob
 import os
 import re
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -29,10 +32,30 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------- patterns
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _ALT = re.compile(r"\{([^{}]*,[^{}]*)\}")
+MAX_BRACE_EXPANSION = 1_000_000  # far more shards than any dataset has; a typo like {0..999999999} is not
+
+
+def brace_count(pattern: str) -> int:
+    """How many paths `pattern` expands to, without expanding it."""
+    n = 1
+    for m in _RANGE.finditer(pattern):
+        n *= max(0, int(m.group(2)) - int(m.group(1)) + 1)
+    for m in _ALT.finditer(pattern):
+        n *= len(m.group(1).split(","))
+    return n
 
 
 def expand_braces(pattern: str) -> List[str]:
-    """`a/{000..002}.tar` -> [a/000.tar, a/001.tar, a/002.tar] (zero padding kept); `{x,y}` alternatives."""
+    """`a/{000..002}.tar` -> [a/000.tar, a/001.tar, a/002.tar] (zero padding kept); `{x,y}` alternatives.
+    DataError for a pattern naming more than MAX_BRACE_EXPANSION paths."""
+    n = brace_count(pattern)
+    if n > MAX_BRACE_EXPANSION:
+        raise DataError(f"source pattern {pattern!r} expands to {n:,} paths (over the limit of "
+                        f"{MAX_BRACE_EXPANSION:,}): check the brace range")
+    return _expand_braces(pattern)
+
+
+def _expand_braces(pattern: str) -> List[str]:
     mr, ma = _RANGE.search(pattern), _ALT.search(pattern)
     if mr and (ma is None or mr.start() <= ma.start()):  # leftmost brace first
         lo, hi = mr.group(1), mr.group(2)
@@ -41,12 +64,12 @@ def expand_braces(pattern: str) -> List[str]:
         width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
         out = []
         for i in range(int(lo), int(hi) + 1):
-            out += expand_braces(pattern[:mr.start()] + str(i).zfill(width) + pattern[mr.end():])
+            out += _expand_braces(pattern[:mr.start()] + str(i).zfill(width) + pattern[mr.end():])
         return out
     if ma:
         out = []
         for alt in ma.group(1).split(","):
-            out += expand_braces(pattern[:ma.start()] + alt + pattern[ma.end():])
+            out += _expand_braces(pattern[:ma.start()] + alt + pattern[ma.end():])
         return out
     return [pattern]
 
@@ -94,6 +117,12 @@ def split_name(name: str) -> Tuple[str, str]:
     return name[:dot], name[dot + 1:]
 
 
+def unsafe_member_name(name: str) -> bool:
+    """An absolute member name or one with a `..` component: a tar crafted to write outside a folder."""
+    return (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) is not None
+            or ".." in re.split(r"[/\\]", name))
+
+
 def index_path_for(tar_path: str) -> str:
     return os.path.splitext(tar_path)[0] + ".idx"
 
@@ -110,6 +139,7 @@ class ShardIndex:
     path: str
     keys: List[str]
     members: List[Dict[str, Tuple[int, int]]]
+    unsafe: List[str] = field(default_factory=list)  # member names skipped (unsafe_member_name)
 
     def __len__(self):
         return len(self.keys)
@@ -129,10 +159,14 @@ def scan_tar(path: str) -> ShardIndex:
         raise DataError(f"not a readable tar file: {path} ({e})") from None
     keys: List[str] = []
     members: List[Dict[str, Tuple[int, int]]] = []
+    unsafe: List[str] = []
     try:
         with tf:
             for m in tf:
                 if not m.isreg():
+                    continue
+                if unsafe_member_name(m.name):
+                    unsafe.append(m.name)
                     continue
                 if m.offset_data + m.size > size:
                     raise DataError(f"truncated tar: {path}: member {m.name} needs bytes up to "
@@ -147,7 +181,7 @@ def scan_tar(path: str) -> ShardIndex:
                     members.append({ext: (m.offset_data, m.size)})
     except tarfile.TarError as e:
         raise DataError(f"truncated or corrupt tar: {path} ({e})") from None
-    return ShardIndex(path, keys, members)
+    return ShardIndex(path, keys, members, unsafe)
 
 
 def write_index(index: ShardIndex, idx_path: str) -> None:
@@ -183,7 +217,7 @@ def read_index(idx_path: str, tar_path: Optional[str] = None) -> ShardIndex:
     if len(body) != n:
         raise DataError(f"index file {idx_path}: header says {n} samples but has {len(body)} lines")
     tsize = os.path.getsize(tar_path) if tar_path else None
-    keys, members = [], []
+    keys, members, unsafe = [], [], []
     for ln_no, ln in enumerate(body, 2):
         tok = ln.split()
         step = 4 if head[0] == "v1.2" else 3
@@ -194,15 +228,20 @@ def read_index(idx_path: str, tar_path: Optional[str] = None) -> ShardIndex:
         for i in range(0, len(tok), step):
             ext, off, sz = tok[i], int(tok[i + 1]), int(tok[i + 2])
             if step == 4:
+                if unsafe_member_name(tok[i + 3]):
+                    unsafe.append(tok[i + 3])
+                    continue
                 key = split_name(tok[i + 3])[0]
             if tsize is not None and off + sz > tsize:
                 raise DataError(f"index file {idx_path} does not match {tar_path} (stale index or truncated "
                                 f"tar: member at {off}+{sz} beyond the file's {tsize} bytes); rebuild it with "
                                 f"`python -m m3ae_engine.data.shards index`")
             mem[ext] = (off, sz)
+        if not mem:  # every member of the line was unsafe
+            continue
         keys.append(key if key is not None else f"{os.path.basename(tar_path or idx_path)}#{ln_no - 2}")
         members.append(mem)
-    return ShardIndex(tar_path or idx_path, keys, members)
+    return ShardIndex(tar_path or idx_path, keys, members, unsafe)
 
 
 def index_is_current(idx_path: str, tar_path: str) -> bool:
@@ -247,9 +286,14 @@ def build_table(paths: Sequence[str], need_image: bool = True, need_text: bool =
                 use_idx: bool = True, indices: Optional[Sequence["ShardIndex"]] = None) -> SampleTable:
     """`indices`: the shards' indexes when the caller already read or scanned them (not read again)."""
     shard, img, imgext, txt, keys = [], [], [], [], []
-    skipped = {"missing_image": 0, "missing_text": 0}
+    skipped = {"missing_image": 0, "missing_text": 0, "unsafe_name": 0}
     for si, p in enumerate(paths):
         ix = indices[si] if indices is not None else load_index(p, use_idx)
+        if ix.unsafe:
+            skipped["unsafe_name"] += len(ix.unsafe)
+            warnings.warn(f"{p}: skipped {len(ix.unsafe)} member(s) with an absolute or '..' name, e.g. "
+                          f"{ix.unsafe[0]!r} (clean with `python -m m3ae_engine.data.shards validate --fix`)",
+                          RuntimeWarning, stacklevel=2)
         for key, mem in zip(ix.keys, ix.members):
             ie = next((e for e in IMAGE_EXTS if e in mem), None)
             te = "txt" if "txt" in mem else None
@@ -315,8 +359,9 @@ class Reader:
             self.close()
 
 
-def iter_tar_samples(path: str) -> Iterable[Tuple[str, Dict[str, bytes]]]:
-    """Stream (key, {ext: bytes}) from a tar in order (for the shard tools); DataError on truncation."""
+def iter_tar_samples(path: str, unsafe: Optional[List[str]] = None) -> Iterable[Tuple[str, Dict[str, bytes]]]:
+    """Stream (key, {ext: bytes}) from a tar in order (for the shard tools); DataError on truncation.
+    Members with unsafe names are not read; their names go to `unsafe` when given."""
     try:
         tf = tarfile.open(path, "r:")
     except FileNotFoundError:
@@ -328,6 +373,10 @@ def iter_tar_samples(path: str) -> Iterable[Tuple[str, Dict[str, bytes]]]:
         with tf:
             for m in tf:
                 if not m.isreg():
+                    continue
+                if unsafe_member_name(m.name):
+                    if unsafe is not None:
+                        unsafe.append(m.name)
                     continue
                 key, ext = split_name(m.name)
                 if not key or key.endswith("/"):

@@ -56,9 +56,35 @@ def sample_params(seed: int, epoch: int, index: int, height: int, width: int, sc
     return box, do_flip
 
 
+class TruncatedJPEG(ValueError):
+    """A JPEG without its end-of-image marker after the last scan."""
+
+
+def jpeg_complete(data: bytes) -> bool:
+    """The rule every loader (Pillow, nvJPEG, DALI) and `validate` apply before decoding a JPEG: it must
+    have an end-of-image marker (FF D9) after its last start-of-scan (FF DA). libjpeg-turbo decodes a
+    truncated file without an error, filling the missing rows with grey; this catches it whatever the
+    decoder or Pillow's LOAD_TRUNCATED_IMAGES say. (Neither marker can occur inside entropy-coded data,
+    where FF is stuffed; an EXIF thumbnail's EOI comes before the main image's scans.) Non-JPEG data
+    passes: its decoder checks it."""
+    if not is_jpeg(data):
+        return True
+    # = rfind(EOI) > rfind(SOS) >= 0, reading only the tail after the last EOI and the header up to the first
+    # SOS instead of the whole entropy-coded body (DALI checks every image of every batch on the host)
+    eoi = data.rfind(b"\xff\xd9")
+    return eoi >= 0 and data.find(b"\xff\xda", eoi) < 0 and 0 <= data.find(b"\xff\xda", 0, eoi)
+
+
+def check_jpeg_complete(data: bytes) -> None:
+    if not jpeg_complete(data):
+        raise TruncatedJPEG("truncated JPEG: no end-of-image marker after the last scan")
+
+
 def decode_pil(data: bytes):
-    """Pillow decode to RGB (grey-scale, CMYK, palette, alpha all converted); raises on corrupt data."""
+    """Pillow decode to RGB (grey-scale, CMYK, palette, alpha all converted); raises on corrupt data,
+    truncated JPEGs included (jpeg_complete)."""
     from PIL import Image
+    check_jpeg_complete(data)
     img = Image.open(io.BytesIO(data))
     img.load()  # full decode now: truncated / corrupt data raises here
     if img.mode != "RGB":

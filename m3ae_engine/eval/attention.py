@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import argparse
 import html
-import io
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_stream
 from ..attention import HALF_ONLY, AttentionBackendUnavailable, resolve_backend
 from .attention_maps import (SampleMaps, attention_rollout, caption_words, encoder_attention, head_average,
                              max_encoder_difference, resolve_layers, sample_maps)
 from .features import add_model_args, load_image, model_from_args
-from .reconstruct import samples_from_folder, samples_from_shards, samples_synthetic
+from .reconstruct import add_sample_source_args, samples_from_folder, samples_from_shards, samples_synthetic
 
 # |plain path - forward_representation| / max(1, |x|) allowed: fp32 kernels differ from the plain
 # matmul + softmax only by rounding order; half-precision-only kernels round q, k, v to bf16
@@ -41,17 +40,6 @@ TOLERANCE_FP32, TOLERANCE_HALF = 1e-3, 5e-2
 
 class AttentionPathMismatch(RuntimeError):
     """The plain path's encoder output is not the model's: its maps would describe another computation."""
-
-
-# ------------------------------------------------------------------------------------------ files
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """write(f) into PATH.tmp, fsync, rename: a reader never sees a half-written file at PATH."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ compute
@@ -142,11 +130,11 @@ def render_png(path: Path, image: torch.Tensor, maps: SampleMaps) -> None:
     ax.set_axis_off()
     for x, y, text, size in texts:
         ax.text(x, y, text, ha="center", va="bottom" if size < 12 else "center", fontsize=size)
-    _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write_stream(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def save_npz(path: Path, maps: SampleMaps) -> None:
-    _write_atomic(path, lambda f: np.savez(f, labels=np.array(maps.labels), layers=np.array(maps.layers),
+    atomic_write_stream(path, lambda f: np.savez(f, labels=np.array(maps.labels), layers=np.array(maps.layers),
                                            layer_maps=maps.layer_maps, rollout_maps=maps.rollout_maps))
 
 
@@ -173,7 +161,7 @@ its maximum); its title gives the share of the row's attention that lands on ima
 {chr(10).join(sections)}
 </body></html>
 """
-    _write_atomic(path, lambda f: f.write(page.encode("utf-8")))
+    atomic_write_stream(path, lambda f: f.write(page.encode("utf-8")))
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -195,10 +183,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m m3ae_engine.eval.attention", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="WebDataset tar shards (KEY.jpg + KEY.txt): glob, {a..b} or comma list")
-    src.add_argument("--folder", help="images (with optional same-name .txt captions)")
-    src.add_argument("--synthetic", type=int, metavar="N", help="N built-in synthetic image-caption pairs")
+    src = add_sample_source_args(p)
     src.add_argument("--image", metavar="FILE", help="one image (with --caption)")
     p.add_argument("--caption", help="the caption of --image (without it: CLS maps only)")
     p.add_argument("--layers", default="-1",
@@ -254,7 +239,7 @@ def main(argv=None) -> int:
     meta = {"checkpoint": args.checkpoint, "samples": len(entries), "layers": ", ".join(map(str, layers)),
             "encoder depth": c.depth, "heads": c.num_heads, "image-only": image_only}
     write_html(out / "index.html", entries, meta)
-    _write_atomic(out / "attention.json", lambda f: f.write(json.dumps({**meta, "samples": entries}, indent=2)
+    atomic_write_stream(out / "attention.json", lambda f: f.write(json.dumps({**meta, "samples": entries}, indent=2)
                                                            .encode("utf-8")))
     print(f"wrote {len(entries)} sample PNGs and {out / 'index.html'}")
     return 0

@@ -142,6 +142,7 @@ def reconstruct(model, images: torch.Tensor, captions: Optional[List[str]] = Non
         index = out.text_target_index.cpu()
         weight = out.text_row_weight.cpu()
         ids = text.clone()
+        text_mask = out.text_mask.cpu()  # [B, Lt] 1 = masked (the loss rows cover every token with text_all_token_loss)
         predicted = {}
         for r in range(index.shape[0]):
             if weight[r] > 0:
@@ -153,7 +154,7 @@ def reconstruct(model, images: torch.Tensor, captions: Optional[List[str]] = Non
                 if pad[i, j] > 0:
                     continue
                 k = i * c.text_length + j
-                toks.append({"target": int(ids[i, j]), "masked": k in predicted, "pred": predicted.get(k)})
+                toks.append({"target": int(ids[i, j]), "masked": bool(text_mask[i, j] > 0), "pred": predicted.get(k)})
             texts.append(toks)
     return {"panels": panels, "image_mse": per_sample_mse, "texts": texts, "text_ids": text,
             "image_loss": None if out.image_loss is None else float(out.image_loss),
@@ -219,14 +220,21 @@ table{{border-collapse:collapse}} .m{{background:#ddd}} .ok{{color:#070;font-wei
     path.write_text(page, encoding="utf-8")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m m3ae_engine.eval.reconstruct", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+def add_sample_source_args(p: argparse.ArgumentParser):
+    """--shards | --folder | --synthetic N (one required): the samples an eval tool reads; returns the
+    group so a tool can add its own source."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="WebDataset tar shards (KEY.jpg + KEY.txt): glob, {a..b} or comma list")
     src.add_argument("--folder", help="images (with optional same-name .txt captions)")
     src.add_argument("--synthetic", type=int, metavar="N", help="N built-in synthetic image-caption pairs")
+    return src
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m m3ae_engine.eval.reconstruct", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_sample_source_args(p)
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--output-dir", default="reconstructions")
     p.add_argument("--seed", type=int, default=0, help="masking seed")
