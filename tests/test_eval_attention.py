@@ -1,6 +1,7 @@
 """Attention maps: the plain path against a hand computation, rollout by hand, word merging, the CLI."""
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -254,6 +255,13 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     _one_line_error(capsys, ["--checkpoint", good, "--synthetic", "1", "--layers", "2", "--output-dir", out],
                     "layer 2 is out of range, the encoder has 2 layers")
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))
+
+
+def test_cli_without_matplotlib_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    _one_line_error(capsys, ["--checkpoint", str(ckpt / "ckpt"), "--synthetic", "1", "--output-dir",
+                             str(tmp_path / "o")], "matplotlib, which is not installed")
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_shards_sample_without_caption_gets_cls_maps_only(ckpt, tmp_path, capsys):

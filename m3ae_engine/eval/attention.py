@@ -195,6 +195,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.output_dir)
     try:
+        try:
+            import matplotlib  # noqa: F401  (checked first: the PNGs need it, after minutes of compute)
+        except ImportError:
+            raise ValueError("eval.attention draws its PNGs with matplotlib, which is not installed: "
+                             "pip install matplotlib (or the eval extra: pip install -e \".[eval]\")") from None
         if args.num_samples < 1 or (args.synthetic is not None and args.synthetic < 1):
             raise ValueError("the number of samples must be >= 1")
         if args.caption is not None and args.image is None:
