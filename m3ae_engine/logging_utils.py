@@ -68,7 +68,9 @@ class Logger:
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
-                    self.tb = SummaryWriter(str(out / "tensorboard"))
+                    # on resume, drop the events logged after the checkpoint by the run that was cut off
+                    # (as metrics.jsonl is truncated): each step is shown once
+                    self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
                 except Exception as e:  # tensorboard is optional, but say that it is off
                     self.notes.append(f"no TensorBoard scalars ({type(e).__name__}: {e}; pip install tensorboard)")
         if wandb_project:

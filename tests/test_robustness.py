@@ -208,12 +208,12 @@ def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
 
 
 def test_stale_temp_removed_and_resume_latest_falls_back(tmp_path, capsys):
-    run(tmp_path, steps=4, ckpt_every=2)
+    run(tmp_path, steps=4, ckpt_every=2, tensorboard=True)
     newest = tmp_path / "checkpoints" / "step_00000004" / "state.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated newest
     (tmp_path / "checkpoints" / ".tmp-step_00000006").mkdir()  # left by a killed write
     capsys.readouterr()
-    result = run(tmp_path, steps=5, resume="latest")
+    result = run(tmp_path, steps=5, resume="latest", tensorboard=True)
     log = capsys.readouterr().out
     assert result["step"] == 5 and "resumed_from=" in log and "step_00000002" in log.split("resumed_from=")[1]
     assert "skipping the checkpoint" in log and "step_00000004" in log and "truncated or corrupt" in log
@@ -222,6 +222,10 @@ def test_stale_temp_removed_and_resume_latest_falls_back(tmp_path, capsys):
     # metrics.jsonl: steps 3-4 of the first run were dropped at the resume, each step is there once
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5]
+    # TensorBoard likewise: the resumed run purges the cut-off run's events after step 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------------------------------------- 5
