@@ -199,7 +199,7 @@ def _barrier():
         torch.distributed.barrier()
 
 
-def _all_ok(ok: bool) -> bool:
+def all_ranks_ok(ok: bool) -> bool:
     """True on every rank when `ok` is True on every rank (a barrier that also carries a failure)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         flag = torch.tensor([1.0 if ok else 0.0])
@@ -254,7 +254,7 @@ def save_checkpoint(runtime, ckpt_root: Path, step: int, client_state: dict, met
             tmp.mkdir()
         except OSError as e:
             error = e
-    if _all_ok(error is None):
+    if all_ranks_ok(error is None):
         try:
             runtime.save(tmp, client_state)
             torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
@@ -263,7 +263,7 @@ def save_checkpoint(runtime, ckpt_root: Path, step: int, client_state: dict, met
             fsync_tree(tmp)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             error = e
-    ok = _all_ok(error is None)
+    ok = all_ranks_ok(error is None)
     if ok and rank == 0:
         try:
             with open(tmp / "meta.json", "w") as f:  # written last: marks completeness
@@ -273,7 +273,7 @@ def save_checkpoint(runtime, ckpt_root: Path, step: int, client_state: dict, met
             fsync_dir(tmp)
         except OSError as e:
             error = e
-    ok = _all_ok(error is None) if ok else ok
+    ok = all_ranks_ok(error is None) if ok else ok
     if not ok:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -321,7 +321,7 @@ def load_first_good(runtime, candidates: List[Path], rank: int, note: Callable[[
             client = load_checkpoint(runtime, path, rank)
         except CheckpointError as e:
             error, client = str(e), None
-        if _all_ok(error is None):
+        if all_ranks_ok(error is None):
             return path, client
         reason = error or "it failed to load on another rank"
         reasons.append(f"{path.name}: {reason}")

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (clean_stale_temp, consolidated_state_dict, load_first_good, resolve_resume, save_checkpoint,
-                         save_exported, step_dir_name, truncate_metrics)
+from .checkpoint import (all_ranks_ok, clean_stale_temp, consolidated_state_dict, load_first_good, resolve_resume,
+                         save_checkpoint, save_exported, step_dir_name, truncate_metrics)
 from .config import ConfigError, M3AEConfig
 from .data.sources import expand_braces, split_sources
 from .logging_utils import Logger, flops_per_sample_fn, memory_gb, peak_flops
@@ -296,13 +296,8 @@ def _take_output_dir(out_dir: Optional[Path], info: DistInfo, held: list) -> Non
             error = str(e)
         except OSError as e:  # not creatable / writable: one line, and the other ranks must hear of it too
             error, kind = f"cannot write into the output folder {out_dir}: {e.strerror or e}", ConfigError
-    if dist.is_initialized():
-        flag = torch.tensor([0.0 if error is None else 1.0])
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if error is None and flag.item() > 0:
-            error = f"{out_dir} cannot be used by this run (see rank 0's message)"
+    if not all_ranks_ok(error is None) and error is None:
+        error = f"{out_dir} cannot be used by this run (see rank 0's message)"
     if error is not None:
         raise kind(error)
 
