@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a clone without an install
 
-from m3ae_engine.train_cli import EXIT_DIVERGED, main  # noqa: E402,F401  (tests call train.main)
+from m3ae_engine.train.cli import EXIT_DIVERGED, main  # noqa: E402,F401  (tests call train.main)
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ from _env import environment, error_text, median_ms  # noqa: E402
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from m3ae_engine import attention as A  # noqa: E402
+from m3ae_engine.model import attention as A  # noqa: E402
 
 STACKS = {"encoder": dict(heads=16, head_dim=64), "decoder": dict(heads=16, head_dim=32)}
 
@@ -136,7 +136,7 @@ def main(argv=None):
     for name, why in availability.items():
         if name in names and not why.startswith("available"):
             print(f"{'':8} {'':8} {name:15} not run: {why}")
-    print(f"\nrecommended m3ae_engine.attention.AUTO_ORDER = {recommended!r}")
+    print(f"\nrecommended m3ae_engine.model.attention.AUTO_ORDER = {recommended!r}")
     print(f"(current AUTO_ORDER = {A.AUTO_ORDER!r})")
 
     if args.out:

@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from m3ae_engine import ops  # noqa: E402
-from m3ae_engine.config import CC12M_MEAN, CC12M_STD, ENCODER_PRESETS  # noqa: E402
-from m3ae_engine.masking import build_plan  # noqa: E402
+from m3ae_engine.model.config import CC12M_MEAN, CC12M_STD, ENCODER_PRESETS  # noqa: E402
+from m3ae_engine.model.masking import build_plan  # noqa: E402
 
 DEV = "cuda"  # --smoke switches to the CPU (Triton interpreter) to check the script itself
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -10,7 +10,7 @@ synthetic captioned data (m3ae_engine/data/synthetic.py):
   2. Text mask ratio 0.15 / 0.5 / 0.75 / 0.9 (paper: 50-90% better than BERT's 15%).
   3. Partial pairing: 10% / 30% / 100% of samples keep their caption (--paired-fraction).
 
-Every run is the project's trainer (`m3ae_engine.trainer.train`, trainer defaults except the steps,
+Every run is the project's trainer (`m3ae_engine.train.loop.train`, trainer defaults except the steps,
 batch, seed and the condition's knob); the trained module comes back in the result's runtime. The
 probe is the project's linear probe (`eval.features.extract_features`: frozen encoder, full unmasked
 image, no caption, CLS feature; `eval.linear_probe.train_linear_probe`: BatchNorm + Linear) on held-out
@@ -43,13 +43,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _env import environment, error_text  # noqa: E402
-from m3ae_engine.config import ConfigError, M3AEConfig  # noqa: E402
+from m3ae_engine.model.config import ConfigError, M3AEConfig  # noqa: E402
 from m3ae_engine.data.synthetic import COLOURS, COLS, ROWS, SHAPES, SIZES, make_sample  # noqa: E402
 from m3ae_engine.eval.features import extract_features  # noqa: E402
 from m3ae_engine.eval.linear_probe import train_linear_probe  # noqa: E402
-from m3ae_engine.model import M3AE  # noqa: E402
-from m3ae_engine.train_config import TrainConfig  # noqa: E402
-from m3ae_engine.trainer import cpu_threads, train  # noqa: E402
+from m3ae_engine.model.m3ae import M3AE  # noqa: E402
+from m3ae_engine.train.config import TrainConfig  # noqa: E402
+from m3ae_engine.train.loop import cpu_threads, train  # noqa: E402
 
 PROBE_SEED = 424_242  # held-out scenes: training reads seeds 0.., eval seed + 1_000_003
 # SGD, not the official LARS: on the initial (untrained) encoder's features, LARS (trust 0.001) left the

@@ -9,7 +9,7 @@ facebookresearch/mae `models_mae.py` + the official M3AE formulation (young-geng
   (full [B, Lt, 30522] logits), then the official masked cross-entropy.
 Mixed precision comes from the caller's `torch.autocast(dtype=torch.bfloat16)`.
 
-Parameter names and shapes are those of `m3ae_engine.model.M3AE`, so one state_dict loads into
+Parameter names and shapes are those of `m3ae_engine.model.m3ae.M3AE`, so one state_dict loads into
 both and the two start from identical weights; with the same noise both give the same loss.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m3ae_engine.config import M3AEConfig
-from m3ae_engine.model import M3AE, MLP
-from m3ae_engine.pos_embed import position_table
-from m3ae_engine.reference import normalize_image, patchify
+from m3ae_engine.model.config import M3AEConfig
+from m3ae_engine.model.m3ae import M3AE, MLP
+from m3ae_engine.model.pos_embed import position_table
+from m3ae_engine.ops.reference import normalize_image, patchify
 
 
 def random_masking(x: torch.Tensor, len_keep: int, noise: torch.Tensor):

@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from m3ae_engine import ops, reference  # noqa: E402
-from m3ae_engine.masking import build_plan  # noqa: E402
+from m3ae_engine import ops
+from m3ae_engine.ops import reference  # noqa: E402
+from m3ae_engine.model.masking import build_plan  # noqa: E402
 
 DEV = "cuda"
 FAILURES = []
@@ -101,7 +102,7 @@ def run_mse(be, dtype, img_dtype, norm_pix, p=4):
 
 
 def run_lce(be, n, d, v, dtype, chunk_bytes):
-    import m3ae_engine.cuda_backend as cb
+    import m3ae_engine.ops.cuda_backend as cb
     old = cb.LCE_CHUNK_BYTES
     cb.LCE_CHUNK_BYTES = chunk_bytes
     try:

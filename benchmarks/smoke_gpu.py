@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from m3ae_engine import M3AE, M3AEConfig, ops
-from m3ae_engine.attention import available_backends
-from m3ae_engine.optim import build_optimizer
+from m3ae_engine.model.attention import available_backends
+from m3ae_engine.train.optim import build_optimizer
 
 
 def main():

@@ -20,7 +20,7 @@ Variants (see VARIANTS): `reference` (benchmarks/reference_model.py, MAE-style e
 packed), and ablations that switch one engine feature back: `engine-no-fused-kernels`
 (kernels="torch"), `engine-padded` (packed=False), `engine-sdpa` (attention="sdpa").
 
-MFU uses the MODEL FLOPs (m3ae_engine.flops.m3ae_flops: the useful work, the same for every
+MFU uses the MODEL FLOPs (m3ae_engine.model.flops.m3ae_flops: the useful work, the same for every
 variant); "exec TFLOP/s" uses what the variant's formulation executes (padded layers, heads on all
 positions for the reference). Peaks: the device's bf16 dense peak (table below, by device name) and
 the bf16 matmul rate measured in this run (8192^3 torch.matmul, median of triton's do_bench).
@@ -53,10 +53,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from m3ae_engine import M3AE, M3AEConfig  # noqa: E402
-from m3ae_engine.atomic import atomic_write_text  # noqa: E402
-from m3ae_engine.data.loader import DECODERS as LOADER_DECODERS  # noqa: E402
-from m3ae_engine.flops import device_peak_tflops, m3ae_flops  # noqa: E402
-from m3ae_engine.optim import build_optimizer  # noqa: E402
+from m3ae_engine.storage.atomic import atomic_write_text  # noqa: E402
+from m3ae_engine.data.build import DECODERS as LOADER_DECODERS  # noqa: E402
+from m3ae_engine.model.flops import device_peak_tflops, m3ae_flops  # noqa: E402
+from m3ae_engine.train.optim import build_optimizer  # noqa: E402
 from reference_model import ReferenceM3AE  # noqa: E402
 import report  # noqa: E402
 
@@ -179,7 +179,8 @@ class Runner:
     def engine_backends(self) -> dict:
         """The kernel and attention backends the engine resolves to (and whether packed attention
         really has a varlen implementation, or falls back to the padded math path)."""
-        from m3ae_engine import attention, ops
+        from m3ae_engine.model import attention
+        from m3ae_engine import ops
         c, device = self.config, self.device
         attn = attention.resolve_backend(None if c.attention == "auto" else c.attention, device)
         choice = None if c.kernels == "auto" else c.kernels
@@ -210,10 +211,10 @@ class Runner:
 
 
 def _deepspeed_runtime(model, ds: dict, device: torch.device):
-    """The engine under m3ae_engine.runtime.DeepSpeedRuntime, exactly as train.py runs it: the ZeRO-3
+    """The engine under m3ae_engine.train.runtime.DeepSpeedRuntime, exactly as train.py runs it: the ZeRO-3
     parameter registration, the tuple output, "auto" fields filled from the run, bf16 off on the CPU."""
-    from m3ae_engine.runtime import DeepSpeedRuntime, DistInfo
-    from m3ae_engine.train_config import TrainConfig
+    from m3ae_engine.train.runtime import DeepSpeedRuntime, DistInfo
+    from m3ae_engine.train.config import TrainConfig
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT="29517").items():
         os.environ.setdefault(k, v)

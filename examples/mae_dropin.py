@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from m3ae_engine import ops  # m3ae_engine: the one import
-from m3ae_engine.pos_embed import sincos_2d
+from m3ae_engine.model.pos_embed import sincos_2d
 
 
 class TinyMAE(nn.Module):

@@ -2,7 +2,7 @@
 
 Each file holds the kernel(s), the autograd wiring (torch.library.custom_op "m3ae::NAME" with
 register_fake and register_autograd, so torch.compile(fullgraph=True) runs through) and a drop-in
-function with the signature of the engine op in m3ae_engine.reference.
+function with the signature of the engine op in m3ae_engine.ops.reference.
 """
 from .gather import gather  # noqa: F401
 from .unshuffle import unshuffle  # noqa: F401

@@ -1,8 +1,8 @@
 """Fused masking gather: packed visible rows [T, D] from (CLS, image tokens, text tokens) in one launch.
 
-Contract: m3ae_engine.reference.gather. Per packed row t the source code row_source[t] is
+Contract: m3ae_engine.ops.reference.gather. Per packed row t the source code row_source[t] is
   -1 CLS, -2 filler (zero row), 0 <= s < B*Li image row s, B*Li <= s < B*Li + B*Lt text row s - B*Li.
-The index maps come from m3ae_engine.masking.build_plan (packed or padded layout, CLS first per
+The index maps come from m3ae_engine.model.masking.build_plan (packed or padded layout, CLS first per
 sample, text padding dropped); cu_seqlens / max_seqlen live in the plan, so there is no host sync.
 
 Backward uses the inverse maps (image_row_of / text_row_of: packed row of each token, -1 if masked),
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m3ae_engine.masking import inverse_map
+from m3ae_engine.ops.index_maps import inverse_map
 
 from ._common import (check, check_device, check_float, check_index, check_range, gather_rows,
                       reduce_rows_per_program, row_blocks)
@@ -175,7 +175,7 @@ gather_op.register_autograd(_backward, setup_context=_setup_context)
 def gather(image_tokens: Optional[torch.Tensor], text_tokens: Optional[torch.Tensor], cls: Optional[torch.Tensor],
            row_source: torch.Tensor, image_row_of: Optional[torch.Tensor] = None,
            text_row_of: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Packed rows [T, D] (see m3ae_engine.reference.gather). image [B, Li, D], text [B, Lt, D],
+    """Packed rows [T, D] (see m3ae_engine.ops.reference.gather). image [B, Li, D], text [B, Lt, D],
     cls [D]; the inverse maps [B*Li] / [B*Lt] are built here (one scatter) when not given."""
     check(image_tokens is not None or text_tokens is not None, f"{_OP}: needs image_tokens or text_tokens")
     ref = image_tokens if image_tokens is not None else text_tokens

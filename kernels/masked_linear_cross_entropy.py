@@ -1,11 +1,11 @@
 """Fused linear + cross-entropy of the vocabulary head on selected rows, without [N, V] logits.
 
-Contract: m3ae_engine.reference.masked_linear_cross_entropy:
+Contract: m3ae_engine.ops.reference.masked_linear_cross_entropy:
   (sum_r w_r * CE(hidden_r @ weight.T + bias, t_r),  sum_r w_r * [argmax_v logits_r == t_r])
 with row_weight w carrying the official per-sample normalisation (1 / max(count, 1e-5) / B).
 
 The chunk loop (cuBLAS matmuls, gradients computed during the forward, peak memory one logits chunk)
-is m3ae_engine.chunked_lce, shared with the CUDA backend; this file is its per-chunk kernel: one Triton
+is m3ae_engine.ops.chunked_lce, shared with the CUDA backend; this file is its per-chunk kernel: one Triton
 program per row (per few rows in the interpreter) runs an online-softmax log-sum-exp and argmax over V
 blocks (bias added in fp32), writes the weighted CE and "correct", then sweeps the row again and
 overwrites the logits IN PLACE with the gradient w_r * (softmax - onehot(t_r)). Gradients are only
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m3ae_engine.chunked_lce import chunked_linear_cross_entropy
+from m3ae_engine.ops.chunked_lce import chunked_linear_cross_entropy
 
 from ._common import check, check_device, check_float, check_index, check_range, interpreting
 
@@ -74,7 +74,7 @@ def _ce_chunk_kernel(logits_ptr, bias_ptr, tgt_ptr, w_ptr, loss_ptr, correct_ptr
 
 
 def _softmax_chunk(logits, bias32, targets, row_weight, row_loss, row_correct, v, write_grad):
-    """The per-chunk kernel for m3ae_engine.chunked_lce: logits [c, Vp] in place."""
+    """The per-chunk kernel for m3ae_engine.ops.chunked_lce: logits [c, Vp] in place."""
     c = logits.shape[0]
     # one row per program on a GPU (the V-long row is the unit of work, as Liger); a 4K-wide V block
     # over 8 warps keeps 16 values a thread in registers. The interpreter takes many rows per program.

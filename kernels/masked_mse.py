@@ -1,6 +1,6 @@
 """Fused masked MSE: per-patch MSE of the pixel head against patches read straight from the raw image.
 
-Contract: m3ae_engine.reference.masked_mse:  loss = sum_r row_weight[r] * mean_j (pred[r, j] - target[r, j])^2
+Contract: m3ae_engine.ops.reference.masked_mse:  loss = sum_r row_weight[r] * mean_j (pred[r, j] - target[r, j])^2
 with target row r = patch patch_index[r] = b * L + l of image b, flattened in (p, p, c) order, from a
 uint8 image normalised on the fly ((x / 255 - mean[c]) / std[c]) or an already-normalised float image,
 optionally per-patch normalised (MAE norm_pix_loss: (t - mean) / sqrt(var + 1e-6), unbiased var).
@@ -153,7 +153,7 @@ def _stats(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
 def masked_mse(pred: torch.Tensor, imgs: torch.Tensor, patch_index: torch.Tensor, row_weight: torch.Tensor,
                patch_size: int, norm_pix_loss: bool = False, mean: Optional[Sequence[float]] = None,
                std: Optional[Sequence[float]] = None) -> torch.Tensor:
-    """Weighted masked-patch MSE, float32 scalar (see m3ae_engine.reference.masked_mse).
+    """Weighted masked-patch MSE, float32 scalar (see m3ae_engine.ops.reference.masked_mse).
 
     pred [M, p*p*C] (gradient flows here only); imgs [B, C, H, W] uint8 (with mean/std) or float
     (already normalised; mean/std ignored, as in the reference); patch_index [M] = b * L + l;

@@ -1,6 +1,6 @@
 """Fused unshuffle: the whole decoder input [R, Dd] in one pass.
 
-Contract: m3ae_engine.reference.unshuffle. Row r of the output is
+Contract: m3ae_engine.ops.reference.unshuffle. Row r of the output is
   kind 0/1 (image/text):  (visible[row_visible[r]] or mask_tokens[kind]) + type[kind] + pos_table[row_pos[r]]
   kind 2 (CLS):           visible[row_visible[r]] (no mask token, position or type)
   kind -1 (filler):       0
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from m3ae_engine.masking import decoder_row_of_visible
+from m3ae_engine.ops.index_maps import decoder_row_of_visible
 
 from ._common import (check, check_device, check_float, check_index, check_range, gather_rows,
                       reduce_rows_per_program, row_blocks)
@@ -198,7 +198,7 @@ unshuffle_op.register_autograd(_backward, setup_context=_setup_context)
 def unshuffle(visible: torch.Tensor, mask_tokens: torch.Tensor, type_embeddings: Optional[torch.Tensor],
               pos_table: Optional[torch.Tensor], row_visible: torch.Tensor, row_kind: torch.Tensor,
               row_pos: torch.Tensor, row_of_visible: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Decoder input rows [R, D] (see m3ae_engine.reference.unshuffle). visible [T, D]; mask_tokens and
+    """Decoder input rows [R, D] (see m3ae_engine.ops.reference.unshuffle). visible [T, D]; mask_tokens and
     type_embeddings [2, D]; pos_table [P, D] (no gradient); row maps [R]; row_of_visible [T] (decoder row
     fed by each visible row, -1 none) is built here when not given. Each visible row may feed at most
     one decoder row (true of every masking plan): the backward is a gather, not a scatter-add."""

@@ -1,6 +1,6 @@
 """m3ae-engine: a kernel-optimised PyTorch engine for multimodal masked autoencoders (M3AE, MAE)."""
-from .config import M3AEConfig, ConfigError  # noqa: F401
-from .model import M3AE, M3AEOutput, InputError  # noqa: F401
+from .model.config import M3AEConfig, ConfigError  # noqa: F401
+from .model.m3ae import M3AE, M3AEOutput, InputError  # noqa: F401
 
 __version__ = "0.1.0"
 

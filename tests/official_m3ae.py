@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from m3ae_engine import M3AE, M3AEConfig, ops
 
-from m3ae_engine.heads import official_head_keys
-from m3ae_engine.reference import normalize_image, patchify
+from m3ae_engine.model.heads import official_head_keys
+from m3ae_engine.ops.reference import normalize_image, patchify
 
 
 def official_mlp(x, params, depth):

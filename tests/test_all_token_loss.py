@@ -12,7 +12,7 @@ from official_m3ae import batch, check_against_official, engine_and_reference, w
 from test_cuda_wrappers_emulated import emulated  # noqa: F401  (fixture)
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.masking import build_plan
+from m3ae_engine.model.masking import build_plan
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -102,7 +102,7 @@ def test_all_token_loss_differs_from_masked_loss():
 
 
 def test_flops_count_the_all_token_head_rows():
-    from m3ae_engine.flops import m3ae_flops
+    from m3ae_engine.model.flops import m3ae_flops
     c = M3AEConfig.from_preset("tiny")
     lengths = torch.tensor([5.0, 32.0])
     base = m3ae_flops(c, lengths, kept_text=torch.tensor([2.0, 8.0]), training=False, breakdown=True)

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from m3ae_engine import attention as A
-from m3ae_engine.config import M3AEConfig
-from m3ae_engine.masking import SequenceLayout
-from m3ae_engine.model import M3AE
+from m3ae_engine.model import attention as A
+from m3ae_engine.model.config import M3AEConfig
+from m3ae_engine.model.masking import SequenceLayout
+from m3ae_engine.model.m3ae import M3AE
 
 
 def make_layout(lengths, filler=0, device="cpu"):

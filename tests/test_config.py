@@ -1,7 +1,7 @@
 import pytest
 
 from m3ae_engine import ConfigError, M3AE, M3AEConfig
-from m3ae_engine.config import ENCODER_PRESETS
+from m3ae_engine.model.config import ENCODER_PRESETS
 
 
 @pytest.mark.parametrize("name,dims", [("small", (384, 12, 6)), ("base", (768, 12, 12)),

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.attention import AttentionContext
-from m3ae_engine.convert import (ConversionError, config_from_official, flatten_tree, load_model, main,
-                                 mae_config_from_state_dict, mae_to_state_dict, official_to_state_dict,
-                                 read_checkpoint, save_checkpoint, state_dict_to_official)
-from m3ae_engine.masking import SequenceLayout
-from m3ae_engine.official_pickle import OfficialCheckpointError, read_official_checkpoint
+from m3ae_engine.model.attention import AttentionContext
+from m3ae_engine.interop.convert import (ConversionError, config_from_official, flatten_tree, load_model, main,
+                                         mae_config_from_state_dict, mae_to_state_dict, official_to_state_dict,
+                                         read_checkpoint, save_checkpoint, state_dict_to_official)
+from m3ae_engine.model.masking import SequenceLayout
+from m3ae_engine.interop.official_pickle import OfficialCheckpointError, read_official_checkpoint
 
 from official_helpers import (D, DD, DDEPTH, DEPTH, DHEADS, HEADS, IMG, LT, P, V, np_gelu_tanh, np_layernorm,
                               official_tree)
@@ -269,7 +269,7 @@ def test_mae_pth_converts_to_image_only_mode(tmp_path):
     x = (img.float() / 255 - torch.tensor(cfg.image_mean).view(1, 3, 1, 1)) / torch.tensor(cfg.image_std).view(1, 3, 1, 1)
     conv = torch.nn.functional.conv2d(x, msd["patch_embed.proj.weight"], msd["patch_embed.proj.bias"], stride=P)
     want = conv.flatten(2).transpose(1, 2)  # [B, L, D]
-    from m3ae_engine.reference import patchify
+    from m3ae_engine.ops.reference import patchify
     got = model.image_embedding(patchify(x, P))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # encoder = MAE forward_encoder with mask ratio 0: cls + pos, blocks (exact GELU), norm
@@ -367,8 +367,8 @@ def test_flax_objects_unpickle_without_flax(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- train.py checkpoint directories
 def test_inspect_and_convert_a_training_checkpoint_directory(tmp_path, capsys):
-    from m3ae_engine.train_config import TrainConfig
-    from m3ae_engine.trainer import train
+    from m3ae_engine.train.config import TrainConfig
+    from m3ae_engine.train.loop import train
     train(TrainConfig(batch_size=4, steps=2, warmup_steps=1, log_every=1, tensorboard=False, ckpt_every=2,
                       num_workers=0, output_dir=str(tmp_path / "run")))
     step_dir = tmp_path / "run" / "checkpoints" / "step_00000002"

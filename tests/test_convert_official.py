@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from m3ae_engine.config import CC12M_MEAN
-from m3ae_engine.convert import (ConversionError, config_from_official, flatten_tree, load_model, main,
-                                 read_checkpoint, resolve_official_config)
-from m3ae_engine.official_pickle import read_official_checkpoint
-from m3ae_engine.official_variant import fields_from_variant, variant_from_config
+from m3ae_engine.model.config import CC12M_MEAN
+from m3ae_engine.interop.convert import (ConversionError, config_from_official, flatten_tree, load_model, main,
+                                         read_checkpoint, resolve_official_config)
+from m3ae_engine.interop.official_pickle import read_official_checkpoint
+from m3ae_engine.interop.official_flags import fields_from_variant, variant_from_config
 
 from official_helpers import (D, DD, DDEPTH, DEPTH, DHEADS, HEADS, IMG, LT, P, V, install_fake_modules,
                               np_gelu_tanh, np_layernorm, official_tree,

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.convert import main, timm_model_spec, to_timm_state_dict, save_checkpoint
-from m3ae_engine.reference import normalize_image
+from m3ae_engine.interop.convert import main, timm_model_spec, to_timm_state_dict, save_checkpoint
+from m3ae_engine.ops.reference import normalize_image
 
 from test_convert import _torch_timm_block
 

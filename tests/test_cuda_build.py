@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from m3ae_engine import ops, reference
+from m3ae_engine import ops
+from m3ae_engine.ops import reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +176,7 @@ def test_module_imports_without_extension():
     """cuda_backend imports and registers as unavailable ("not built") when _C is missing."""
     code = ("import sys; sys.modules['m3ae_engine._C'] = None\n"
             "from m3ae_engine import ops\n"
-            "import m3ae_engine.cuda_backend as cb\n"
+            "import m3ae_engine.ops.cuda_backend as cb\n"
             "assert cb._C is None\n"
             "s = ops.available_backends()['cuda']\n"
             "assert 'not built' in s, s\n"
@@ -188,7 +189,7 @@ def test_module_imports_without_extension():
 
 def test_custom_ops_trace_on_meta_tensors():
     """Fake implementations and autograd wiring: shapes/dtypes of outputs and grads, without a GPU."""
-    from m3ae_engine import cuda_backend as cb
+    from m3ae_engine.ops import cuda_backend as cb
     m = "meta"
     b, li, lt, d = 2, 4, 3, 16
     img = torch.randn(b, li, d, device=m, dtype=torch.bfloat16, requires_grad=True)
@@ -229,7 +230,7 @@ def test_custom_ops_trace_on_meta_tensors():
 
 
 def test_custom_ops_registered_in_namespace():
-    import m3ae_engine.cuda_backend  # noqa: F401
+    import m3ae_engine.ops.cuda_backend  # noqa: F401
     for name in ("gather", "gather_backward", "unshuffle", "unshuffle_backward", "masked_mse",
                  "masked_mse_backward", "linear_cross_entropy"):
         assert hasattr(torch.ops.m3ae_cuda, name), name

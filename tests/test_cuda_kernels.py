@@ -1,4 +1,4 @@
-"""CUDA C++ kernels (m3ae_engine._C through m3ae_engine.cuda_backend) against the references, on a GPU.
+"""CUDA C++ kernels (m3ae_engine._C through m3ae_engine.ops.cuda_backend) against the references, on a GPU.
 
 Every op, forward and gradients, at odd sizes (scalar fallbacks, unaligned rows, several chunks) and
 at the realistic M3AE-large size (B=256, D=1024, Li=256/Ki=64, Lt=64/Kt=16, decoder 512, V=30522),
@@ -11,8 +11,9 @@ Run: pytest -m gpu tests/test_cuda_kernels.py
 import pytest
 import torch
 
-from m3ae_engine import ops, reference
-from m3ae_engine.masking import build_plan
+from m3ae_engine import ops
+from m3ae_engine.ops import reference
+from m3ae_engine.model.masking import build_plan
 
 pytestmark = pytest.mark.gpu
 
@@ -142,7 +143,7 @@ def test_gather_image_only_and_random_masking(cuda_backend, dtype):
 def test_gather_direct_poisoned_buffers(cuda_backend):
     """_C writes every element of its outputs (NaN-filled buffers), zeros where unused."""
     from m3ae_engine import _C
-    from m3ae_engine.cuda_backend import _reduce_workspace
+    from m3ae_engine.ops.cuda_backend import _reduce_workspace
     b, li, ki, lt, kt, d, _ = SIZES["odd"]
     plan = make_plan(b, li, ki, 0, 0, seed=3, has_text=False)
     src = plan.enc_row_source
@@ -333,7 +334,7 @@ LCE_CASES = {  # n, d, v
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_cross_entropy(cuda_backend, case, dtype, with_bias, monkeypatch):
-    import m3ae_engine.cuda_backend as cb
+    import m3ae_engine.ops.cuda_backend as cb
     n, d, v = LCE_CASES[case]
     if case == "odd":  # force several row chunks
         monkeypatch.setattr(cb, "LCE_CHUNK_BYTES", 5 * v * 4)

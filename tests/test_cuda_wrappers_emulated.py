@@ -1,4 +1,4 @@
-"""The Python side of the CUDA backend (m3ae_engine.cuda_backend) on the CPU, against the references.
+"""The Python side of the CUDA backend (m3ae_engine.ops.cuda_backend) on the CPU, against the references.
 
 `_C` takes raw pointers, strides, counts and dtype codes; a mistake in what the wrappers pass
 (a stride, a row count, an inverse map, a chunk offset, the padded vocabulary) would only show on a
@@ -12,9 +12,9 @@ import ctypes
 import pytest
 import torch
 
-import m3ae_engine.cuda_backend as cb
-from m3ae_engine import reference
-from m3ae_engine.masking import build_plan
+import m3ae_engine.ops.cuda_backend as cb
+from m3ae_engine.ops import reference
+from m3ae_engine.model.masking import build_plan
 
 _DT = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16, 3: torch.uint8}
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from m3ae_engine.data import (DataError, MixedLoader, PillowLoader, TextLoader, build_loader,
-                              dali_available, expand_sources, mix_schedule)
+from m3ae_engine.data import (DataError, MixedLoader, PillowLoader, TextLoader, build_loader, dali_available,
+                              expand_sources, mix_schedule)
 from m3ae_engine.data.sources import expand_braces, read_index, scan_tar
 from m3ae_engine.data.testdata import write_test_shards
 from shard_helpers import plant
-from m3ae_engine.tokenizer import default_tokenizer
+from m3ae_engine.model.tokenizer import default_tokenizer
 
 B, S, L = 8, 32, 32
 N = 24  # 2 shards x 12
@@ -343,7 +343,7 @@ def test_gpu_transform_matches_pillow_on_cpu(shards):
 
 def test_nvjpeg_batch_logic_on_cpu(shards, tmp_path, monkeypatch):
     """NvJpegLoader's batching, crop choice and corrupt-slot filling, with Pillow standing in for nvJPEG."""
-    from m3ae_engine.data.loaders import NvJpegLoader, _ShardLoaderBase
+    from m3ae_engine.data.pillow_nvjpeg import NvJpegLoader, _ShardLoaderBase
     from m3ae_engine.data.transforms import decode_pil
     paths, caps, _ = shards
 

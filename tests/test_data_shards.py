@@ -145,7 +145,7 @@ def test_stats(tmp_path, capsys):
     assert main(["stats", str(tmp_path / "*.tar"), "--json", "--text-length", "12"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["shards"] == 2 and st["samples"] == st["images"] == st["captions"] == 10
-    from m3ae_engine.tokenizer import default_tokenizer
+    from m3ae_engine.model.tokenizer import default_tokenizer
     tok = default_tokenizer(64)
     lens = [int((1 - tok.encode_batch([c])[1]).sum()) for c in caps.values()]
     assert st["caption_tokens"]["max"] == max(lens) and st["caption_tokens"]["min"] == min(lens)

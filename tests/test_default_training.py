@@ -3,7 +3,7 @@ import torch
 
 from m3ae_engine import M3AE, M3AEConfig
 from m3ae_engine.data import SyntheticBatches
-from m3ae_engine.optim import build_optimizer, scaled_lr, warmup_cosine
+from m3ae_engine.train.optim import build_optimizer, scaled_lr, warmup_cosine
 
 
 def test_short_tiny_training_lowers_the_loss():

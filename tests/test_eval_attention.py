@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.convert import save_checkpoint
+from m3ae_engine.interop.convert import save_checkpoint
 from m3ae_engine.eval import attention as attn_cli
 from m3ae_engine.eval.attention_maps import (attention_rollout, caption_words, encoder_attention, head_average,
                                              max_encoder_difference, resolve_layers, sample_maps)
@@ -153,7 +153,7 @@ def test_caption_words_merging_rules():
                                                           ("walk", [6])]
     assert caption_words([3, 3], [1, 1], vocab.__getitem__) == []  # all padding
     # the real WordPiece tokenizer: pieces merge back into the caption's words
-    from m3ae_engine.tokenizer import default_tokenizer
+    from m3ae_engine.model.tokenizer import default_tokenizer
     tok = default_tokenizer(16)
     ids, pad = tok.encode_batch(["Tokenization of snowboarders"])
     words = caption_words(ids[0].tolist(), pad[0].tolist(), tok.id_to_token)
@@ -195,9 +195,9 @@ def test_cli_synthetic_writes_pngs_npz_and_html(ckpt, capsys):
     out = ckpt / "out_syn"
     assert attn_cli.main(["--checkpoint", str(ckpt / "ckpt"), "--synthetic", "2", "--layers", "0,-1",
                           "--output-dir", str(out)]) == 0
-    from m3ae_engine.convert import load_model
+    from m3ae_engine.interop.convert import load_model
     from m3ae_engine.eval.reconstruct import samples_synthetic
-    from m3ae_engine.tokenizer import default_tokenizer
+    from m3ae_engine.model.tokenizer import default_tokenizer
     model, _ = load_model(ckpt / "ckpt")
     page = (out / "index.html").read_text()
     meta = json.loads((out / "attention.json").read_text())

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.convert import save_checkpoint
+from m3ae_engine.interop.convert import save_checkpoint
 from m3ae_engine.eval import finetune
-from m3ae_engine.optim import warmup_cosine
+from m3ae_engine.train.optim import warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("astronaut", "cat", "coffee", "rocket")
@@ -167,7 +167,7 @@ def test_layer_decay_groups_match_the_reference_formulas(rule):
 def test_classifier_forward_matches_the_reference_heads(pool, head):
     """Logits = head(LN?(pool(encoder))) computed from M3AE.forward_representation, drop path off."""
     from m3ae_engine.eval.vit_classifier import build_classifier
-    from m3ae_engine.reference import normalize_image
+    from m3ae_engine.ops.reference import normalize_image
     torch.manual_seed(0)
     cfg = M3AEConfig.from_preset("tiny")
     model = M3AE(cfg).eval()

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from m3ae_engine import M3AE, M3AEConfig  # noqa: E402
-from m3ae_engine.flops import m3ae_flops  # noqa: E402
+from m3ae_engine.model.flops import m3ae_flops  # noqa: E402
 from reference_model import ReferenceM3AE  # noqa: E402
 
 ATTENTION = ("encoder_attention", "decoder_attention")

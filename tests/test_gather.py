@@ -1,11 +1,12 @@
-"""Triton fused masking gather vs m3ae_engine.reference.gather (forward and every gradient)."""
+"""Triton fused masking gather vs m3ae_engine.ops.reference.gather (forward and every gradient)."""
 import pytest
 import torch
 
 from triton_helpers import DEVICE, close, gpu_launch_config, poisoned_empty, text_padding
 
-from m3ae_engine import ops, reference
-from m3ae_engine.masking import build_plan
+from m3ae_engine import ops
+from m3ae_engine.ops import reference
+from m3ae_engine.model.masking import build_plan
 from m3ae_engine.kernels.gather import gather, gather_op
 
 

@@ -17,9 +17,10 @@ import torch
 from official_m3ae import batch, check_against_official, engine_and_reference
 from test_cuda_wrappers_emulated import emulated  # noqa: F401  (fixture)
 
-from m3ae_engine import M3AEConfig, ops, reference
-from m3ae_engine.config import ConfigError
-from m3ae_engine.masking import build_plan
+from m3ae_engine import M3AEConfig, ops
+from m3ae_engine.ops import reference
+from m3ae_engine.model.config import ConfigError
+from m3ae_engine.model.masking import build_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["torch", "triton", "cuda"]

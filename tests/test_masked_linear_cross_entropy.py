@@ -1,10 +1,11 @@
-"""Triton fused linear cross-entropy vs m3ae_engine.reference.masked_linear_cross_entropy."""
+"""Triton fused linear cross-entropy vs m3ae_engine.ops.reference.masked_linear_cross_entropy."""
 import pytest
 import torch
 
 from triton_helpers import DEVICE, close, close_norm, gpu_launch_config, poisoned_empty
 
-from m3ae_engine import ops, reference
+from m3ae_engine import ops
+from m3ae_engine.ops import reference
 from m3ae_engine.kernels.masked_linear_cross_entropy import linear_cross_entropy_op, masked_linear_cross_entropy
 
 

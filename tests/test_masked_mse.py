@@ -1,12 +1,13 @@
-"""Triton fused masked MSE vs m3ae_engine.reference.masked_mse (loss and grad wrt pred)."""
+"""Triton fused masked MSE vs m3ae_engine.ops.reference.masked_mse (loss and grad wrt pred)."""
 import pytest
 import torch
 
 from triton_helpers import DEVICE, close, gpu_launch_config, poisoned_empty
 
-from m3ae_engine import ops, reference
-from m3ae_engine.config import CC12M_MEAN, CC12M_STD
-from m3ae_engine.masking import build_plan
+from m3ae_engine import ops
+from m3ae_engine.ops import reference
+from m3ae_engine.model.config import CC12M_MEAN, CC12M_STD
+from m3ae_engine.model.masking import build_plan
 from m3ae_engine.kernels.masked_mse import masked_mse, masked_mse_op
 
 

@@ -1,7 +1,7 @@
 import torch
 
-from m3ae_engine.masking import build_plan, transfer
-from m3ae_engine.reference import CLS_SOURCE, FILLER_SOURCE
+from m3ae_engine.model.masking import build_plan, transfer
+from m3ae_engine.ops.reference import CLS_SOURCE, FILLER_SOURCE
 
 
 def _pad_mask(lengths, L):

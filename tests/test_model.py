@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from m3ae_engine import InputError, M3AE, M3AEConfig
-from m3ae_engine.masking import build_plan
-from m3ae_engine.pos_embed import sincos_1d, sincos_2d
-from m3ae_engine.reference import patchify
+from m3ae_engine.model.masking import build_plan
+from m3ae_engine.model.pos_embed import sincos_1d, sincos_2d
+from m3ae_engine.ops.reference import patchify
 
 
 def _batch(c, b=4, seed=0, lengths=None):

@@ -7,8 +7,9 @@ import torch
 
 from triton_helpers import DEVICE, text_padding
 
-from m3ae_engine import M3AE, M3AEConfig, ops, reference
-from m3ae_engine.config import CC12M_MEAN, CC12M_STD
+from m3ae_engine import M3AE, M3AEConfig, ops
+from m3ae_engine.ops import reference
+from m3ae_engine.model.config import CC12M_MEAN, CC12M_STD
 
 
 def _models(packed, norm_pix=False):
@@ -90,7 +91,7 @@ def _step(image_tokens, text_tokens, cls, proj, mask_tokens, types, pos, head_w,
 
 
 def test_compile_fullgraph_step_equals_eager():
-    from m3ae_engine.masking import build_plan
+    from m3ae_engine.model.masking import build_plan
     gen = torch.Generator().manual_seed(3)
     b, li, lt, d, dd, v = 2, 4, 6, 8, 12, 30
     pad = text_padding(b, lt, gen)
@@ -103,7 +104,7 @@ def test_compile_fullgraph_step_equals_eager():
     text_ids = torch.randint(0, v, (b, lt), generator=gen).to(DEVICE)
     leaves = [p for p in params if p.requires_grad]
 
-    # resolve the backend once in eager: its first load imports m3ae_engine.triton_backend, which
+    # resolve the backend once in eager: its first load imports m3ae_engine.ops.triton_backend, which
     # dynamo cannot trace (ops._load is not compile-aware; see the report)
     assert type(ops.get_backend("triton")).__name__ == "TritonBackend"
 
@@ -130,14 +131,14 @@ def test_compile_fullgraph_step_equals_eager():
 
 
 def test_backend_reports_reason_without_interpreter(monkeypatch):
-    from m3ae_engine import triton_backend
+    from m3ae_engine.ops import triton_backend
     if torch.cuda.is_available():
         pytest.skip("the factory accepts a GPU")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ops.BackendUnavailable, match="TRITON_INTERPRET=1"):
-        triton_backend._factory()
+        triton_backend.make_backend()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert isinstance(triton_backend._factory(), triton_backend.TritonBackend)
+    assert isinstance(triton_backend.make_backend(), triton_backend.TritonBackend)
 
 
 @pytest.mark.gpu

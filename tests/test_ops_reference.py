@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from m3ae_engine import ops, reference
+from m3ae_engine import ops
+from m3ae_engine.ops import reference
 
 
 def test_random_masking_is_maes_contract():

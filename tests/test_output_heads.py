@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from official_m3ae import batch, flax_params, official_losses, official_mlp, same_masks
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.heads import OutputHead, official_head_keys
+from m3ae_engine.model.heads import OutputHead, official_head_keys
 
 
 def _randomise(module, gen):
@@ -118,7 +118,7 @@ def test_text_only_parameters_include_the_mlp_text_head():
 
 
 def test_flops_count_the_mlp_head_layers():
-    from m3ae_engine.flops import m3ae_flops
+    from m3ae_engine.model.flops import m3ae_flops
     c0 = M3AEConfig.from_preset("tiny")
     c2 = M3AEConfig.from_preset("tiny", output_head_depth=2)
     lengths, kept = torch.tensor([5.0, 32.0]), torch.tensor([2.0, 8.0])

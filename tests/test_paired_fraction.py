@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.config import ConfigError
+from m3ae_engine.model.config import ConfigError
 from m3ae_engine.data import SyntheticBatches, build_loader, dali_available
 from m3ae_engine.data.testdata import write_test_shards
 from m3ae_engine.data.text_drop import TextDrop
-from m3ae_engine.tokenizer import PAD_ID
-from m3ae_engine.train_config import TrainConfig, parse
-from m3ae_engine.trainer import train
+from m3ae_engine.model.tokenizer import PAD_ID
+from m3ae_engine.train.config import TrainConfig, parse
+from m3ae_engine.train.loop import train
 from test_model import _official_forward  # the padded line-by-line port of the official forward + losses
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ NO_DALI = pytest.mark.skipif(not dali_available(), reason="DALI not installed")
                                             pytest.param("nvjpeg", "cuda", marks=GPU),
                                             pytest.param("dali", "cuda", marks=[GPU, NO_DALI])])
 def test_shard_loaders_drop_by_table_index(tmp_path, decoder, device):
-    from m3ae_engine.tokenizer import default_tokenizer
+    from m3ae_engine.model.tokenizer import default_tokenizer
     paths, caps = write_test_shards(str(tmp_path), num_shards=2, per_shard=12)
     kw = dict(decoder=decoder, device=device, epochs=1, seed=5, paired_fraction=0.9, random_drop_text=0.25)
     kw.update({"cpu": dict(num_workers=0), "nvjpeg": dict(num_threads=1),

@@ -75,8 +75,8 @@ def test_bad_arguments_are_one_line_errors(capsys):
 
 
 def test_trainer_cpu_threads_from_the_environment(monkeypatch):
-    from m3ae_engine.config import ConfigError
-    from m3ae_engine.trainer import cpu_threads
+    from m3ae_engine.model.config import ConfigError
+    from m3ae_engine.train.loop import cpu_threads
     monkeypatch.delenv("M3AE_CPU_THREADS", raising=False)
     assert cpu_threads() >= 1
     monkeypatch.setenv("M3AE_CPU_THREADS", "3")

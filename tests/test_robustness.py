@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from m3ae_engine.checkpoint import CheckpointError, list_checkpoints, main as ckpt_main
-from m3ae_engine.config import ConfigError
+from m3ae_engine.train.checkpoint import CheckpointError, list_checkpoints, main as ckpt_main
+from m3ae_engine.model.config import ConfigError
 from m3ae_engine.data import build_loader, dali_available
 from m3ae_engine.data.shards import main as shards_main
 from m3ae_engine.data.sources import DataError, expand_sources
 from m3ae_engine.data.testdata import write_test_shards
 from m3ae_engine.data.transforms import jpeg_complete
-from m3ae_engine.run_lock import OutputDirInUse
-from m3ae_engine.trainer import TrainingDiverged
+from m3ae_engine.train.output_lock import OutputDirInUse
+from m3ae_engine.train.loop import TrainingDiverged
 from shard_helpers import members, plant
 from test_train_loop import _launch, losses, run
 
@@ -80,7 +80,7 @@ def test_planted_pickles_never_run(two_checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="rng_rank0.pt: refused"):
         run(tmp_path / "other", steps=3, resume=str(rng_only))
     # convert / eval loaders (official pickles and .pt files)
-    from m3ae_engine.convert import ConversionError, read_checkpoint
+    from m3ae_engine.interop.convert import ConversionError, read_checkpoint
     plant_pickle(tmp_path / "evil.pt", marker)
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"params": Payload(marker)}, f)
@@ -95,7 +95,7 @@ def test_planted_pickles_never_run(two_checkpoints, tmp_path):
 
 def test_deepspeed_files_load_weights_only(tmp_path):
     pytest.importorskip("deepspeed")
-    from m3ae_engine.checkpoint import consolidated_state_dict, deepspeed_loads_weights_only
+    from m3ae_engine.train.checkpoint import consolidated_state_dict, deepspeed_loads_weights_only
     marker = tmp_path / "PWNED"
     ck = tmp_path / "step_00000002"
     (ck / "deepspeed").mkdir(parents=True)
@@ -187,7 +187,7 @@ def test_truncated_and_corrupt_jpegs(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- 4
 def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
-    import m3ae_engine.checkpoint as ck
+    import m3ae_engine.train.checkpoint as ck
     real_save = torch.save
 
     def full_disk(obj, f, *a, **kw):
@@ -267,7 +267,7 @@ class _LaggedWatch:
 
 
 def test_max_bad_steps_reached_on_the_last_step_stops_with_the_lagged_watch_too(tmp_path, monkeypatch):
-    import m3ae_engine.trainer as trainer
+    import m3ae_engine.train.loop as trainer
     monkeypatch.setattr(trainer, "BadRunWatch", _LaggedWatch)
     monkeypatch.setenv("M3AE_INJECT_NAN_STEPS", "3,4,5")  # steps 4, 5, 6 of 6 are skipped
     with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row at step 6"):

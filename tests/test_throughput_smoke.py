@@ -82,7 +82,7 @@ def test_shards_are_made_with_spawned_workers_once_cuda_is_initialised(tmp_path,
 
 @pytest.mark.parametrize("ds_config", ["ds.json", "configs/zero3.json"])
 def test_deepspeed_variant_runs_the_trainers_runtime(ds_config, tmp_path):
-    """--deepspeed_config goes through m3ae_engine.runtime.DeepSpeedRuntime, as train.py does ("auto"
+    """--deepspeed_config goes through m3ae_engine.train.runtime.DeepSpeedRuntime, as train.py does ("auto"
     fields filled, bf16 off on the CPU, ZeRO-3 hooks): the same first loss as the plain engine. (Its own
     copy of deepspeed.initialize failed here on bf16 weights vs fp32 inputs. The ZeRO-3 registration
     of the vocabulary head only matters with >1 rank: tests/test_train_distributed.py checks it.)"""

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from m3ae_engine.data import SyntheticBatches, make_sample
-from m3ae_engine.tokenizer import DEFAULT_VOCAB, Tokenizer, default_tokenizer
+from m3ae_engine.model.tokenizer import DEFAULT_VOCAB, Tokenizer, default_tokenizer
 
 
 def test_bert_uncased_wordpiece_without_special_tokens():

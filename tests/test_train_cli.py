@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from m3ae_engine.config import ConfigError, M3AEConfig
-from m3ae_engine.train_config import GROUPS, NOT_FLAGS, TrainConfig, build_parser, model_field_types, parse
+from m3ae_engine.model.config import ConfigError, M3AEConfig
+from m3ae_engine.train.config import GROUPS, NOT_FLAGS, TrainConfig, build_parser, model_field_types, parse
 
 NONE = ["--output-dir", "none"]  # parse() alone: no default folder name needed
 
@@ -33,7 +33,7 @@ def test_help_is_grouped_and_lists_every_field():
 
 
 def test_a_field_without_a_group_lands_in_other_options(monkeypatch):
-    import m3ae_engine.train_config as tc
+    import m3ae_engine.train.config as tc
     monkeypatch.setitem(tc.GROUPS, "data", tuple(n for n in tc.GROUPS["data"] if n != "num_workers"))
     text = build_parser().format_help()
     assert "--num-workers" in text.split("other options:")[1]
@@ -105,7 +105,7 @@ def test_default_output_dir(tmp_path, monkeypatch):
 
 
 def test_a_config_error_on_two_ranks_is_printed_once(monkeypatch, capsys):
-    import m3ae_engine.train_cli as cli
+    import m3ae_engine.train.cli as cli
     monkeypatch.setattr(cli.time, "sleep", lambda s: None)
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
@@ -118,8 +118,8 @@ def test_a_config_error_on_two_ranks_is_printed_once(monkeypatch, capsys):
 
 
 def test_worker_count_is_capped_by_the_cores(capsys):
-    from m3ae_engine.runtime import DistInfo
-    from m3ae_engine.trainer import available_cores, capped_workers
+    from m3ae_engine.train.runtime import DistInfo
+    from m3ae_engine.train.loop import available_cores, capped_workers
     n = available_cores()
     assert capped_workers(n + 7, DistInfo()) == n
     assert f"--num-workers {n + 7} reduced to {n}" in capsys.readouterr().out
@@ -127,7 +127,7 @@ def test_worker_count_is_capped_by_the_cores(capsys):
 
 
 def test_log_interval_gives_short_runs_regular_updates():
-    from m3ae_engine.trainer import log_interval
+    from m3ae_engine.train.loop import log_interval
     assert log_interval(TrainConfig(), 300) == 25
     assert log_interval(TrainConfig(), 20) == 2
     assert log_interval(TrainConfig(log_every=1), 300) == 1

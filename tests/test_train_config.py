@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from m3ae_engine.config import ConfigError
-from m3ae_engine.runtime import DistInfo, prepare_ds_config
-from m3ae_engine.train_config import TrainConfig, parse
-from m3ae_engine.trainer import check_data
+from m3ae_engine.model.config import ConfigError
+from m3ae_engine.train.runtime import DistInfo, prepare_ds_config
+from m3ae_engine.train.config import TrainConfig, parse
+from m3ae_engine.train.loop import check_data
 
 
 @pytest.mark.parametrize("argv, message", [

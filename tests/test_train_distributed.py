@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from m3ae_engine.train_config import TrainConfig
-from m3ae_engine.trainer import train
+from m3ae_engine.train.config import TrainConfig
+from m3ae_engine.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = dict(batch_size=8, steps=4, warmup_steps=1, log_every=1, tensorboard=False)

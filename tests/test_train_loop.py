@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from m3ae_engine.checkpoint import consolidated_state_dict, list_checkpoints, load_exported, main as ckpt_main
-from m3ae_engine.train_config import TrainConfig
-from m3ae_engine.trainer import TrainingDiverged, train
+from m3ae_engine.train.checkpoint import consolidated_state_dict, list_checkpoints, load_exported, main as ckpt_main
+from m3ae_engine.train.config import TrainConfig
+from m3ae_engine.train.loop import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = dict(batch_size=8, steps=6, warmup_steps=2, log_every=1, tensorboard=False)

@@ -88,7 +88,7 @@ def test_torch_hub_load_local(tmp_path):
     loaded = torch.hub.load(root, "m3ae_tiny", source="local", weights=str(tmp_path / "w"))
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), loaded.state_dict().values()))
     import importlib.util
-    from m3ae_engine.config import ENCODER_PRESETS
+    from m3ae_engine.model.config import ENCODER_PRESETS
     spec = importlib.util.spec_from_file_location("hubconf", Path(root) / "hubconf.py")
     hub = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hub)

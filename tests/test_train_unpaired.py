@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from m3ae_engine.config import ConfigError
+from m3ae_engine.model.config import ConfigError
 from m3ae_engine.data.testdata import write_test_shards
-from m3ae_engine.train_config import TrainConfig
-from m3ae_engine.trainer import train
+from m3ae_engine.train.config import TrainConfig
+from m3ae_engine.train.loop import train
 
 BASE = dict(batch_size=8, steps=3, warmup_steps=1, log_every=1, tensorboard=False, num_workers=0)
 

@@ -1,11 +1,12 @@
-"""Triton fused unshuffle vs m3ae_engine.reference.unshuffle (forward and every gradient)."""
+"""Triton fused unshuffle vs m3ae_engine.ops.reference.unshuffle (forward and every gradient)."""
 import pytest
 import torch
 
 from triton_helpers import DEVICE, close, close_norm, gpu_launch_config, poisoned_empty, text_padding
 
-from m3ae_engine import ops, reference
-from m3ae_engine.masking import build_plan
+from m3ae_engine import ops
+from m3ae_engine.ops import reference
+from m3ae_engine.model.masking import build_plan
 from m3ae_engine.kernels.unshuffle import unshuffle, unshuffle_op
 
 

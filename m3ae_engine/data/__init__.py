@@ -6,7 +6,7 @@ img2dataset-style WebDataset shards; `MixedLoader` mixes paired, image-only and 
 """
 from .synthetic import SyntheticBatches, SyntheticImageText, make_sample  # noqa: F401
 from .sources import DataError, expand_sources  # noqa: F401
-from .loaders import NvJpegLoader, PillowLoader, TextLoader  # noqa: F401
+from .pillow_nvjpeg import NvJpegLoader, PillowLoader, TextLoader  # noqa: F401
 from .dali import DaliLoader, dali_available  # noqa: F401
-from .loader import (MixedLoader, add_data_args, best_decoder, build_from_args, build_loader,  # noqa: F401
-                     mix_schedule, model_inputs, nvjpeg_available)
+from .build import (MixedLoader, add_data_args, best_decoder, build_from_args, build_loader,  # noqa: F401
+                    mix_schedule, model_inputs, nvjpeg_available)

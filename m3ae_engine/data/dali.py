@@ -29,9 +29,9 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from ..config import CC12M_MEAN, CC12M_STD
-from .sources import (IMAGE_EXTS, DataError, build_table, decode_text, expand_sources, index_is_current,
-                      index_path_for, load_index, split_name, write_index)
+from ..model.config import CC12M_MEAN, CC12M_STD
+from .sources import (IMAGE_EXTS, DataError, build_table, decode_text, expand_sources, index_is_current, index_path_for,
+                      load_index, split_name, write_index)
 from .text_drop import TextDrop, tokenise_with_drop
 from .order import check_resume, finite_length, resume_state
 from .transforms import RATIO, SCALE, jpeg_complete
@@ -82,7 +82,7 @@ class DaliLoader:
                  modality: str = "paired", tokenizer=None, num_threads: int = 4,
                  shuffle_buffer: int = 4096, prefetch: int = 2, index_dir: Optional[str] = None,
                  hw_decoder_load: float = 0.65, paired_fraction: float = 1.0, random_drop_text: float = 0.0):
-        from ..tokenizer import default_tokenizer
+        from ..model.tokenizer import default_tokenizer
         if not dali_available():
             raise RuntimeError("DALI is not installed: pip install nvidia-dali-cuda130 (or -cuda120)")
         if modality not in ("paired", "image"):

@@ -32,8 +32,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from .sources import (IMAGE_EXTS, DataError, decode_text, expand_sources, index_path_for, iter_tar_samples,
-                      scan_tar, write_index)
+from .sources import (IMAGE_EXTS, DataError, decode_text, expand_sources, index_path_for, iter_tar_samples, scan_tar,
+                      write_index)
 from .transforms import decode_pil, is_jpeg, jpeg_complete
 
 PIL_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -299,7 +299,7 @@ def _cmd_validate(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- stats
 def shard_stats(paths: List[str], text_length: int = 64) -> dict:
-    from ..tokenizer import Tokenizer
+    from ..model.tokenizer import Tokenizer
     tok = Tokenizer(os.environ.get("M3AE_TOKENIZER"), max_length=100000)
     tok._tok.no_truncation()
     tok._tok.no_padding()

@@ -101,7 +101,7 @@ class SyntheticBatches:
     def __init__(self, batch_size: int, image_size: int = 256, text_length: int = 64, seed: int = 0,
                  tokenizer=None, size: Optional[int] = None, rank: int = 0, world_size: int = 1,
                  paired_fraction: float = 1.0, random_drop_text: float = 0.0):
-        from ..tokenizer import default_tokenizer
+        from ..model.tokenizer import default_tokenizer
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.image_size, self.seed = batch_size, image_size, seed

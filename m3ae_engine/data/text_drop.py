@@ -21,7 +21,7 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 
-from ..tokenizer import PAD_ID
+from ..model.tokenizer import PAD_ID
 
 _RANDOM_DROP_TAG = 29  # keeps the random-drop stream apart from crops and shuffles of the same seed
 

@@ -26,8 +26,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_stream
-from ..attention import HALF_ONLY, AttentionBackendUnavailable, resolve_backend
+from ..storage.atomic import atomic_write_stream
+from ..model.attention import HALF_ONLY, AttentionBackendUnavailable, resolve_backend
 from .attention_maps import (SampleMaps, attention_rollout, caption_words, encoder_attention, head_average,
                              max_encoder_difference, resolve_layers, sample_maps)
 from .features import add_model_args, load_image, model_from_args
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
             print("note: image-only model (or --image-only): the caption is not used, CLS maps only", file=sys.stderr)
         tokenizer = None
         if not image_only:
-            from ..tokenizer import default_tokenizer
+            from ..model.tokenizer import default_tokenizer
             tokenizer = default_tokenizer(c.text_length)
         entries = []
         out.mkdir(parents=True, exist_ok=True)

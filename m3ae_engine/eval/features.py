@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..convert import ConversionError, load_model  # noqa: F401  (re-exported for the eval commands)
+from ..interop.convert import ConversionError, load_model  # noqa: F401  (re-exported for the eval commands)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 

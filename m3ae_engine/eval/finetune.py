@@ -45,8 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_write_stream, atomic_write_text
-from ..optim import scaled_lr, warmup_cosine
+from ..storage.atomic import atomic_write_stream, atomic_write_text
+from ..train.optim import scaled_lr, warmup_cosine
 from .features import ImageFolder, load_model
 from .linear_probe import topk_accuracy
 from .vit_classifier import build_classifier, import_timm, layer_decay_groups
@@ -136,7 +136,7 @@ def build_transforms(cfg: dict, image_size: int, mean, std):
 def init_distributed(device_name: Optional[str]):
     """(rank, world, device) from torchrun's environment (the trainer's rules: runtime.dist_from_env /
     pick_device); NCCL on GPUs, gloo on CPUs."""
-    from ..runtime import dist_from_env, pick_device
+    from ..train.runtime import dist_from_env, pick_device
     info = dist_from_env()
     device = pick_device(device_name, info)
     if info.world_size > 1 and not torch.distributed.is_initialized():

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..optim import scaled_lr, warmup_cosine
+from ..train.optim import scaled_lr, warmup_cosine
 from .features import ImageFolder, add_model_args, cached_features, checkpoint_fingerprint, model_from_args
 
 

@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..data.sources import expand_braces, split_sources  # brace ranges, {a,b} alternatives
-from ..reference import normalize_image, patchify, unpatchify
+from ..ops.reference import normalize_image, patchify, unpatchify
 from .features import IMAGE_EXTENSIONS, add_model_args, load_image, model_from_args
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -112,7 +112,7 @@ def reconstruct(model, images: torch.Tensor, captions: Optional[List[str]] = Non
     b = images.shape[0]
     text = pad = None
     if captions is not None:
-        from ..tokenizer import default_tokenizer
+        from ..model.tokenizer import default_tokenizer
         tok = tokenizer or default_tokenizer(c.text_length)
         text, pad = tok.encode_batch([s or "" for s in captions])
         if int(text.max()) >= c.vocab_size:
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         captions = None if image_only or all(s[1] is None for s in samples) else [s[1] for s in samples]
         tokenizer = None
         if captions is not None:
-            from ..tokenizer import default_tokenizer
+            from ..model.tokenizer import default_tokenizer
             tokenizer = default_tokenizer(c.text_length)
         result = reconstruct(model, images, captions, args.seed, tokenizer)
     except (FileNotFoundError, ValueError) as e:

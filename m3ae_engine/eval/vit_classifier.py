@@ -21,8 +21,8 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from ..config import M3AEConfig
-from ..convert import timm_model_spec, to_timm_state_dict
+from ..model.config import M3AEConfig
+from ..interop.convert import timm_model_spec, to_timm_state_dict
 
 POOLS = {"cls": "token", "avg": "avg"}
 HEADS = ("m3ae", "mae")

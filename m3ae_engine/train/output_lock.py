@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
+from ..model.config import ConfigError
 
 LOCK_NAME = ".lock"
 

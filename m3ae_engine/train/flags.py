@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable, List
 
-from .config import ConfigError
+from ..model.config import ConfigError
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

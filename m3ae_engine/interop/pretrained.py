@@ -3,7 +3,7 @@
 
 The format is the one `train.py` and `python -m m3ae_engine.convert` write: DIR/model.safetensors (fp32,
 the config also in its metadata) + DIR/config.json. `from_pretrained` reads everything
-`m3ae_engine.convert.load_model` reads (a run or converted directory, a .safetensors / .pt file, an
+`m3ae_engine.interop.convert.load_model` reads (a run or converted directory, a .safetensors / .pt file, an
 official M3AE .pkl, an MAE .pth), with the same strictness, and never unpickles code.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The "triton" kernel backend: the fused Triton kernels of `m3ae_engine.kernels` behind the
 engine-op signatures of `m3ae_engine.ops.TorchBackend`.
 
-Registered on import (ops._lazy_register imports this module the first time "triton" is asked for).
+`make_backend` is the factory the dispatcher (ops._lazy_register) registers the first time "triton" is asked for.
 The factory refuses with a reason when Triton cannot be imported, or when there is neither a CUDA
 GPU nor the Triton CPU interpreter (TRITON_INTERPRET=1, which must be set before triton is imported).
 """
@@ -11,14 +11,14 @@ import os
 
 import torch
 
-from . import ops
+from .errors import BackendUnavailable
 
 
 class TritonBackend:
     name = "triton"
 
     def __init__(self):
-        from . import kernels  # noqa: F401  (imports triton and registers the m3ae:: custom ops)
+        from .. import kernels  # noqa: F401  (imports triton and registers the m3ae:: custom ops)
         self._k = kernels
 
     def gather(self, image_tokens, text_tokens, cls, row_source, image_row_of=None, text_row_of=None):
@@ -38,15 +38,13 @@ class TritonBackend:
         return self._k.masked_linear_cross_entropy(hidden, weight, bias, targets, row_weight)
 
 
-def _factory() -> TritonBackend:
+def make_backend() -> TritonBackend:
     try:
         import triton  # noqa: F401
     except ImportError as e:
-        raise ops.BackendUnavailable(f"triton is not installed ({e})") from e
+        raise BackendUnavailable(f"triton is not installed ({e})") from e
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ops.BackendUnavailable("no CUDA GPU, and the Triton CPU interpreter is off "
+        raise BackendUnavailable("no CUDA GPU, and the Triton CPU interpreter is off "
                                      "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)")
     return TritonBackend()
 
-
-ops.register_backend("triton", _factory)

@@ -25,7 +25,8 @@ from typing import List, Optional
 
 import torch
 
-from .reference import CLS_SOURCE, FILLER_SOURCE, KIND_CLS, KIND_IMAGE, KIND_TEXT
+from ..ops.index_maps import decoder_row_of_visible, inverse_map, scatter_rows  # noqa: F401 (re-exported)
+from ..ops.reference import CLS_SOURCE, FILLER_SOURCE, KIND_CLS, KIND_IMAGE, KIND_TEXT
 
 
 def draw_shuffle(batch: int, length: int, sharing: str, device, generator=None, noise=None):
@@ -131,29 +132,6 @@ def transfer(tensors: List[torch.Tensor], device) -> List[torch.Tensor]:
     return [flat[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for t, o in zip(tensors, offsets)]
 
 
-def _scatter_rows(dest: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, rows: int, fill,
-                  dtype=torch.int32) -> torch.Tensor:
-    """out[rows] = fill; out[dest[valid]] = values[valid], without boolean indexing (no sync)."""
-    out = torch.full((rows + 1,), fill, dtype=dtype, device=dest.device)
-    dest = torch.where(valid, dest, torch.full_like(dest, rows))
-    out.scatter_(0, dest.reshape(-1), values.reshape(-1).to(dtype))
-    return out[:rows]
-
-
-def inverse_map(codes: torch.Tensor, lo: int, n: int) -> torch.Tensor:
-    """inv [n] int32: inv[i] = r where codes[r] == lo + i, else -1 (one scatter, no host sync). Inverts a
-    gather map (e.g. the packed row of each image token from enc_row_source)."""
-    s = codes.long() - lo
-    return _scatter_rows(s, torch.arange(s.numel(), device=s.device), (s >= 0) & (s < n), n, -1)
-
-
-def decoder_row_of_visible(row_visible: torch.Tensor, row_kind: torch.Tensor, n_visible: int) -> torch.Tensor:
-    """[n_visible] int32: the decoder row fed by each visible (encoder) row, -1 if none; the inverse of
-    the unshuffle's row_visible over the rows that read one (row_kind >= 0)."""
-    vis = torch.where(row_kind >= 0, row_visible.long(), torch.full_like(row_visible, -1, dtype=torch.long))
-    return inverse_map(vis, 0, n_visible)
-
-
 def _layout_rows(lengths: torch.Tensor, slot: int, packed: bool, batch: int, exact: bool):
     """cu_seqlens [B+1] int64, rows, exact, lengths for the given per-sample lengths."""
     exact = exact or not packed
@@ -240,13 +218,13 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
     j = torch.arange(enc_slot, **i64)[None, :]
     slot_valid = j < enc_len[:, None]
     enc_dest = cu_enc[:-1, None] + j
-    enc_row_source = _scatter_rows(enc_dest, src, slot_valid, enc_rows, FILLER_SOURCE)
+    enc_row_source = scatter_rows(enc_dest, src, slot_valid, enc_rows, FILLER_SOURCE)
     image_row_of = text_row_of = None
     if has_image:
-        image_row_of = _scatter_rows(ar_b[:, None] * Li + img_keep, enc_dest[:, 1:1 + Ki],
+        image_row_of = scatter_rows(ar_b[:, None] * Li + img_keep, enc_dest[:, 1:1 + Ki],
                                      torch.ones_like(img_keep, dtype=torch.bool), B * Li, -1)
     if has_text:
-        text_row_of = _scatter_rows(ar_b[:, None] * Lt + txt_keep, enc_dest[:, 1 + Ki:],
+        text_row_of = scatter_rows(ar_b[:, None] * Lt + txt_keep, enc_dest[:, 1 + Ki:],
                                     slot_valid[:, 1 + Ki:], B * Lt, -1)
     enc_kpm = None
     if not packed:
@@ -273,10 +251,10 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
     kind = torch.cat([torch.full((B, 1), KIND_CLS, **i64), torch.full((B, Li), KIND_IMAGE, **i64),
                       torch.full((B, Lt), KIND_TEXT, **i64)], 1)
     pos = torch.cat([torch.zeros(B, 1, **i64), img_pos, num_patches * int(has_image) + txt_pos], 1)
-    dec_row_visible = _scatter_rows(dec_dest, visible, dec_valid, dec_rows, -1)
-    dec_row_kind = _scatter_rows(dec_dest, kind, dec_valid, dec_rows, -1)
-    dec_row_pos = _scatter_rows(dec_dest, pos, dec_valid, dec_rows, 0)
-    dec_row_of_visible = _scatter_rows(visible, dec_dest, dec_valid & (visible >= 0), enc_rows, -1)
+    dec_row_visible = scatter_rows(dec_dest, visible, dec_valid, dec_rows, -1)
+    dec_row_kind = scatter_rows(dec_dest, kind, dec_valid, dec_rows, -1)
+    dec_row_pos = scatter_rows(dec_dest, pos, dec_valid, dec_rows, 0)
+    dec_row_of_visible = scatter_rows(visible, dec_dest, dec_valid & (visible >= 0), enc_rows, -1)
     dec_kpm = None
     if not packed:
         dec_kpm = torch.cat([torch.zeros(B, 1 + Li, dtype=torch.bool, device=dev), pad], 1)
@@ -319,10 +297,10 @@ def build_plan(batch: int, num_patches: int, image_keep: int, text_padding_mask:
         else:
             dec_row = cu_dec[:-1, None] + 1 + Li + m_pos
         # filler rows point at row 0 with weight 0 and target index 0
-        text_pred_rows = _scatter_rows(t_dest, dec_row, m_valid, t_rows, 0, torch.int64)
-        text_target_index = _scatter_rows(t_dest, ar_b[:, None] * Lt + m_pos, m_valid, t_rows, 0, torch.int64)
+        text_pred_rows = scatter_rows(t_dest, dec_row, m_valid, t_rows, 0, torch.int64)
+        text_target_index = scatter_rows(t_dest, ar_b[:, None] * Lt + m_pos, m_valid, t_rows, 0, torch.int64)
         w = (1.0 / m_count.clamp_min(1).double() / B).float()  # official: / max(count, 1e-5); count 0 -> no rows
-        text_row_weight = _scatter_rows(t_dest, w[:, None].expand(B, lm_t), m_valid, t_rows, 0.0, torch.float32)
+        text_row_weight = scatter_rows(t_dest, w[:, None].expand(B, lm_t), m_valid, t_rows, 0.0, torch.float32)
 
     return MaskingPlan(
         batch=B, num_patches=Li, text_length=Lt, image_keep=Ki, text_keep=Kt,

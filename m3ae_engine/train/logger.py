@@ -1,6 +1,6 @@
 """Rank-0 logging: a tqdm bar, a JSONL metrics file, TensorBoard scalars (when tensorboard is installed),
 optionally Weights & Biases (`wandb_project`; imported only then), and the MFU estimate
-(m3ae_engine.flops). Other ranks get a logger that does nothing."""
+(m3ae_engine.model.flops). Other ranks get a logger that does nothing."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .flops import device_peak_tflops, m3ae_flops
+from ..model.flops import device_peak_tflops, m3ae_flops
 
 def peak_flops(device: torch.device) -> Optional[float]:
     """bf16 dense peak FLOP/s of the training GPU (the MFU denominator), None off the GPU or if unknown."""
@@ -22,7 +22,7 @@ def peak_flops(device: torch.device) -> Optional[float]:
 
 
 def flops_per_sample_fn(model_config):
-    """Model FLOPs of one training sample from the batch's text padding mask (m3ae_engine.flops)."""
+    """Model FLOPs of one training sample from the batch's text padding mask (m3ae_engine.model.flops)."""
     def per_sample(text_padding_mask: torch.Tensor) -> float:
         lengths = (1 - text_padding_mask.long()).sum(1)
         return float(m3ae_flops(model_config, lengths, training=True))
@@ -42,7 +42,7 @@ def start_wandb(project: str, name: Optional[str], output_dir: Optional[str], co
     try:
         import wandb
     except ImportError:
-        from .config import ConfigError
+        from ..model.config import ConfigError
         raise ConfigError("--wandb-project needs the wandb package: pip install wandb") from None
     return wandb.init(project=project, name=name, dir=output_dir, config=config, reinit=True)
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .dali import DaliLoader, dali_available
-from .loaders import NvJpegLoader, PillowLoader, TextLoader
+from .pillow_nvjpeg import NvJpegLoader, PillowLoader, TextLoader
 
 DECODERS = ("auto", "dali", "nvjpeg", "cpu")
 

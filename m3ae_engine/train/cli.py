@@ -9,12 +9,12 @@ import os
 import sys
 import time
 
-from .attention import AttentionBackendUnavailable
+from ..model.attention import AttentionBackendUnavailable
 from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data.sources import DataError
-from .ops import BackendUnavailable
-from .train_config import parse
+from ..model.config import ConfigError
+from ..data.sources import DataError
+from ..ops import BackendUnavailable
+from .config import parse
 
 USER_ERRORS = (ConfigError, FileNotFoundError, DataError, BackendUnavailable, AttentionBackendUnavailable,
                CheckpointError)
@@ -30,7 +30,7 @@ def main(argv=None):
     rank, world = _rank_world()
     try:
         cfg = parse(argv)
-        from .trainer import TrainingDiverged, train
+        from .loop import TrainingDiverged, train
         try:
             result = train(cfg)
         except TrainingDiverged as e:  # a documented stop, not a crash: one line, its own status

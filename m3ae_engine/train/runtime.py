@@ -23,8 +23,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
-from .model import M3AE
+from ..model.config import ConfigError
+from ..model.m3ae import M3AE
 from .optim import build_optimizer
 
 

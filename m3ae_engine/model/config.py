@@ -65,7 +65,7 @@ class M3AEConfig:
     image_std: Tuple[float, float, float] = CC12M_STD
     # implementation choices (no effect on the math)
     kernels: str = "auto"  # "auto" | "torch" | "triton" | "cuda"  (see m3ae_engine.ops)
-    attention: str = "auto"  # see m3ae_engine.attention.available_backends()
+    attention: str = "auto"  # see m3ae_engine.model.attention.available_backends()
     packed: bool = True  # run encoder/decoder on packed (varlen) sequences; False = padded + mask
     compile_blocks: bool = False  # torch.compile the attention-free halves of each block (dynamic T)
     preset: str = field(default="", repr=False)

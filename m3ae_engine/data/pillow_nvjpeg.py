@@ -22,8 +22,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..config import CC12M_MEAN, CC12M_STD
-from ..reference import normalize_image
+from ..model.config import CC12M_MEAN, CC12M_STD
+from ..ops.reference import normalize_image
 from .order import RankOrder, check_resume, finite_length, resume_state
 from .sources import DataError, Reader, build_table, decode_text, expand_sources, read_text_lines
 from .text_drop import TextDrop, tokenise_with_drop
@@ -43,7 +43,7 @@ class _ShardLoaderBase:
                  modality: str = "paired", tokenizer=None, drop_last: bool = True,
                  max_corrupt_fraction: float = 0.01, use_index: bool = True,
                  paired_fraction: float = 1.0, random_drop_text: float = 0.0):
-        from ..tokenizer import default_tokenizer
+        from ..model.tokenizer import default_tokenizer
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if image_size < 1:
@@ -353,7 +353,7 @@ class TextLoader:
     def __init__(self, sources, batch_size: int, text_length: int = 64, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, epochs: Optional[int] = None, tokenizer=None,
                  drop_last: bool = True):
-        from ..tokenizer import default_tokenizer
+        from ..model.tokenizer import default_tokenizer
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.paths = expand_sources(sources, "text")

@@ -4,7 +4,7 @@ Two families:
 - MAE drop-in contracts (facebookresearch/mae, models_mae.py): `random_masking`, `unshuffle`,
   `masked_mse_loss`, and the official M3AE text loss `masked_linear_cross_entropy`.
 - Engine ops on index maps (what the fused kernels compute). Every map is precomputed by
-  `m3ae_engine.masking` so the kernels are pure gathers/reductions with no host synchronisation:
+  `m3ae_engine.model.masking` so the kernels are pure gathers/reductions with no host synchronisation:
   * `gather`: packed rows from (CLS, image tokens, text tokens) by a per-row source code;
   * `unshuffle`: decoder input rows = visible row or modality mask token, + position + type;
   * `masked_mse`: weighted per-patch MSE against patches read straight from the raw image;

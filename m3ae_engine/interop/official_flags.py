@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from .config import CC12M_MEAN, CC12M_STD
+from ..model.config import CC12M_MEAN, CC12M_STD
 
 # MaskedMultimodalAutoencoder.get_default_config()
 OFFICIAL_MODEL_DEFAULTS = dict(model_type=None, emb_dim=1024, dec_emb_dim=512, depth=24, dec_depth=8,

@@ -25,14 +25,14 @@ import torch.distributed as dist
 
 from .checkpoint import (all_ranks_ok, clean_stale_temp, consolidated_state_dict, load_first_good, resolve_resume,
                          save_checkpoint, save_exported, step_dir_name, truncate_metrics)
-from .config import ConfigError, M3AEConfig
-from .data.sources import expand_braces, split_sources
-from .logging_utils import Logger, flops_per_sample_fn, memory_gb, peak_flops
-from .model import M3AE
+from ..model.config import ConfigError, M3AEConfig
+from ..data.sources import expand_braces, split_sources
+from .logger import Logger, flops_per_sample_fn, memory_gb, peak_flops
+from ..model.m3ae import M3AE
 from .optim import warmup_cosine
-from .run_lock import OutputDirInUse, OutputDirLock
+from .output_lock import OutputDirInUse, OutputDirLock
 from .runtime import DistInfo, build_runtime, dist_from_env, forward_micro_batch, micro_per_rank, pick_device
-from .train_config import TrainConfig
+from .config import TrainConfig
 
 UNPAIRED_SEED_OFFSET = 7_777_777  # unpaired text draws its own captions and masks
 UNPAIRED_IMAGE_SEED_OFFSET = 5_555_557  # unpaired images draw their own images and masks
@@ -81,7 +81,7 @@ def check_data(cfg: TrainConfig):
             _require_files(spec, "--unpaired-image-data")
     if cfg.data == "synthetic":
         return None
-    from .data import build_loader
+    from ..data import build_loader
     for spec in split_sources(cfg.data):
         _require_files(spec, "--data")
     return build_loader
@@ -100,7 +100,7 @@ def build_data(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, micro
     """The paired (or MAE-mode image) training data; drop_text=False: every caption kept (held-out eval)."""
     drop = text_drop_options(cfg) if drop_text else {}
     if build_loader is None:
-        from .data import SyntheticBatches
+        from ..data import SyntheticBatches
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed if seed is None else seed, size=cfg.dataset_size,
                                 rank=info.rank, world_size=info.world_size, **drop)
@@ -161,10 +161,10 @@ def build_unpaired(cfg: TrainConfig, model_config: M3AEConfig, info: DistInfo, m
     if spec is None:
         return None
     if spec == "synthetic":  # the unused half (images of the text term, captions of the image term) is dropped
-        from .data import SyntheticBatches
+        from ..data import SyntheticBatches
         return SyntheticBatches(micro, model_config.image_size, model_config.text_length,
                                 seed=cfg.seed + offset, rank=info.rank, world_size=info.world_size)
-    from .data import build_loader
+    from ..data import build_loader
     image_kw = image_loader_options(cfg, info) if modality == "image" else {}
     return build_loader(split_sources(spec), batch_size=micro, image_size=model_config.image_size,
                         text_length=model_config.text_length, seed=cfg.seed + offset,
@@ -351,7 +351,8 @@ def _train(cfg: TrainConfig, held: list) -> dict:
     micro = micro_per_rank(cfg, info)  # samples per rank per micro-step
     device = pick_device(cfg.device, info)
     # a named kernel or attention backend that cannot run here fails now, not at the first forward
-    from . import attention as attention_backends, ops
+    from ..model import attention as attention_backends
+    from .. import ops
     if cfg.kernels != "auto":
         ops.resolve_backend(cfg.kernels, device)
     if cfg.attention != "auto":

@@ -12,19 +12,19 @@ so `torch.compile(fullgraph=True)` sees one opaque node per op.
   linear_cross_entropy: matmuls in torch (cuBLAS), per row chunk the kernel computes log-sum-exp, CE,
                argmax and writes the softmax gradient in place; memory O(chunk x V), no [N, V] logits kept
 
-This module imports cleanly without a GPU and without `_C`; the backend then registers itself as
-unavailable with the reason (see `ops.available_backends()`).
+This module imports cleanly without a GPU and without `_C`; its factory `make_backend` then refuses with
+the reason, which `ops.available_backends()` shows.
 """
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import ops
+from .errors import BackendUnavailable
 from .chunked_lce import CHUNK_BYTES, chunked_linear_cross_entropy
-from .masking import decoder_row_of_visible, inverse_map
+from .index_maps import decoder_row_of_visible, inverse_map
 
 try:  # the compiled extension is optional (no nvcc at install time, or M3AE_BUILD_CUDA=0)
-    from . import _C  # type: ignore[attr-defined]
+    from .. import _C  # type: ignore[attr-defined]
     _IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as e:  # pragma: no cover - depends on the build
     _C = None
@@ -355,7 +355,7 @@ _masked_mse.register_autograd(_mse_grad, setup_context=_mse_setup)
 # masked linear cross-entropy
 # ----------------------------------------------------------------------------------------------
 def _lce_softmax_chunk(logits, bias32, targets, row_weight, row_loss, row_correct, v, write_grad):
-    """The per-chunk kernel for m3ae_engine.chunked_lce: logits [c, Vp] in place (csrc/masked_linear_cross_entropy.cu)."""
+    """The per-chunk kernel for m3ae_engine.ops.chunked_lce: logits [c, Vp] in place (csrc/masked_linear_cross_entropy.cu)."""
     _C.lce_softmax(logits.data_ptr(), logits.stride(0), _code(logits), _ptr(bias32), targets.data_ptr(),
                    row_weight.data_ptr(), logits.shape[0], v, row_loss.data_ptr(), row_correct.data_ptr(),
                    bool(write_grad), _dev(logits), _stream(logits))
@@ -475,15 +475,13 @@ def _smoke_test() -> None:
         raise RuntimeError("smoke test gave wrong values")
 
 
-def _factory() -> CudaBackend:
+def make_backend() -> CudaBackend:
     reason = unavailable_reason()
     if reason is not None:
-        raise ops.BackendUnavailable(reason)
+        raise BackendUnavailable(reason)
     try:
         _smoke_test()
     except RuntimeError as e:
-        raise ops.BackendUnavailable(f"m3ae_engine._C failed its smoke test: {e}") from e
+        raise BackendUnavailable(f"m3ae_engine._C failed its smoke test: {e}") from e
     return CudaBackend()
 
-
-ops.register_backend("cuda", _factory)

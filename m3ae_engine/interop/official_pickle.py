@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .atomic import atomic_write
+from ..storage.atomic import atomic_write
 
 
 class OfficialCheckpointError(ValueError):

@@ -41,7 +41,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_write, atomic_write_text
+from ..storage.atomic import atomic_write, atomic_write_text
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -388,7 +388,7 @@ def export(checkpoint: Path, out: Path) -> Path:
 def load_exported(path, device="cpu"):
     """An M3AE (train mode) with the weights of an exported safetensors file (its config travels in the
     metadata); convert.load_model reads it, with the same strictness."""
-    from .convert import load_model
+    from ..interop.convert import load_model
     model, _ = load_model(path, device=device)
     return model.train()
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .cli_util import (BoolFlag, ErrorParser, HelpFormatter, check_type, coerce, is_bool, join_negative_values,
-                       parser_for, read_mapping, unknown_key_error)
-from .config import ENCODER_PRESETS, ConfigError, M3AEConfig
+from .flags import (BoolFlag, ErrorParser, HelpFormatter, check_type, coerce, is_bool, join_negative_values, parser_for,
+                    read_mapping, unknown_key_error)
+from ..model.config import ENCODER_PRESETS, ConfigError, M3AEConfig
 from .optim import scaled_lr
 
 OFFICIAL_BASE_LR = 1.5e-4

@@ -20,7 +20,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import reference
-from .masking import inverse_map
+from .errors import BackendUnavailable  # noqa: F401 (part of the op API)
+from .index_maps import inverse_map
 
 BACKEND_ORDER = ("cuda", "triton", "torch")  # fastest first; see benchmarks/results for the measurement
 # Per-op exceptions to the order, from the H100 measurement (benchmarks/results/cuda_kernels_*.json,
@@ -31,8 +32,6 @@ BACKEND_ORDER = ("cuda", "triton", "torch")  # fastest first; see benchmarks/res
 OP_ORDER = {"gather": ("torch", "cuda", "triton")}
 
 
-class BackendUnavailable(RuntimeError):
-    pass
 
 
 class TorchBackend:
@@ -92,12 +91,14 @@ def _load(name: str):
 
 
 def _lazy_register(name: str) -> None:
-    """Backends living in optional modules register themselves on import."""
+    """The built-in compiled backends live in modules imported on first use (Triton, the CUDA extension)."""
     try:
         if name == "triton":
-            from . import triton_backend  # noqa: F401
+            from . import triton_backend
+            register_backend("triton", triton_backend.make_backend)
         elif name == "cuda":
-            from . import cuda_backend  # noqa: F401
+            from . import cuda_backend
+            register_backend("cuda", cuda_backend.make_backend)
     except ImportError as e:
         _REASONS[name] = f"import failed: {e}"
 
@@ -136,7 +137,7 @@ def get_backend(backend: Optional[str] = None, device=None, op: Optional[str] = 
 
 
 # ----------------------------------------------------------------------------------------------
-# engine ops (index maps from m3ae_engine.masking)
+# engine ops (index maps from m3ae_engine.model.masking)
 # ----------------------------------------------------------------------------------------------
 def gather(image_tokens, text_tokens, cls, row_source, image_row_of=None, text_row_of=None, backend=None):
     """Packed visible rows [T, D] (see reference.gather). The inverse maps speed up the backward."""

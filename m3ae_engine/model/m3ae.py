@@ -21,14 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from .. import ops
 from .attention import AttentionContext, attention
 from .config import M3AEConfig
 from .heads import OutputHead, official_init_
 from .masking import MaskingPlan, build_plan
 from .pos_embed import position_table
-from .pretrained import PretrainedMixin
-from .reference import normalize_image, patchify
+from ..interop.pretrained import PretrainedMixin
+from ..ops.reference import normalize_image, patchify
 
 
 class InputError(ValueError):

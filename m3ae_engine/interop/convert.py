@@ -40,12 +40,12 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .atomic import atomic_write, atomic_write_text
-from .config import ENCODER_PRESETS, ConfigError, M3AEConfig
-from .heads import official_head_keys
+from ..storage.atomic import atomic_write, atomic_write_text
+from ..model.config import ENCODER_PRESETS, ConfigError, M3AEConfig
+from ..model.heads import official_head_keys
 from .official_pickle import OfficialCheckpointError, read_official_checkpoint, write_official_pickle
-from .official_variant import TRAINING_FIELDS, VariantError, fields_from_variant, variant_from_config
-from .pos_embed import sincos_2d
+from .official_flags import TRAINING_FIELDS, VariantError, fields_from_variant, variant_from_config
+from ..model.pos_embed import sincos_2d
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -282,7 +282,7 @@ def config_from_official(flat: Dict[str, np.ndarray], variant: Optional[dict] = 
 
 
 def _target_shapes(config: M3AEConfig) -> Dict[str, Tuple[int, ...]]:
-    from .model import M3AE
+    from ..model.m3ae import M3AE
     with torch.device("meta"):
         model = M3AE(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -501,7 +501,7 @@ def to_timm_state_dict(sd: Dict[str, torch.Tensor], config: M3AEConfig) -> Dict[
 # ---------------------------------------------------------------------------------------------
 def _torch_load(path):
     import argparse as _ap
-    from .checkpoint import CheckpointError, load_weights_only
+    from ..train.checkpoint import CheckpointError, load_weights_only
     try:  # an MAE .pth keeps its run's argparse.Namespace beside the weights
         return load_weights_only(path, allow=[_ap.Namespace])
     except CheckpointError as e:  # refused (it would run code), truncated or corrupt: one line
@@ -606,7 +606,7 @@ def _read_training_checkpoint(path: Path, config: Optional[M3AEConfig]):
                               f"export {path} model.safetensors")
     if config is None:
         config = M3AEConfig.from_dict(meta["model_config"])
-    from .checkpoint import CheckpointError, load_weights_only
+    from ..train.checkpoint import CheckpointError, load_weights_only
     try:  # tensors and plain containers only; mmap: the optimizer state is not read into memory
         state = load_weights_only(path / "state.pt", mmap=True)
     except CheckpointError as e:
@@ -652,7 +652,7 @@ def read_checkpoint(path, config: Optional[M3AEConfig] = None, **overrides
                 path = path / name
                 break
         else:
-            from .checkpoint import list_checkpoints
+            from ..train.checkpoint import list_checkpoints
             found = list_checkpoints(path / "checkpoints")
             if not found:
                 raise FileNotFoundError(f"{path} holds no model.safetensors / model.pt / model.pkl, no meta.json "
@@ -710,7 +710,7 @@ def load_model(path, config: Optional[M3AEConfig] = None, device="cpu", strict: 
                verbose: bool = False, **overrides):
     """Checkpoint -> (M3AE in eval mode on `device`, ConversionReport). Raises ConversionError listing
     missing / unexpected / mis-shaped keys (with strict=False only missing-by-design params are tolerated)."""
-    from .model import M3AE
+    from ..model.m3ae import M3AE
     sd, cfg, report = read_checkpoint(path, config, **overrides)
     if strict:
         report.raise_if_errors()
@@ -726,7 +726,7 @@ def load_model(path, config: Optional[M3AEConfig] = None, device="cpu", strict: 
 
 def save_checkpoint(sd: Dict[str, torch.Tensor], config: M3AEConfig, out_dir) -> Path:
     """Write OUT_DIR/model.safetensors (config embedded in the metadata too) + OUT_DIR/config.json."""
-    from .checkpoint import save_exported  # the training export's writer: atomic, config in the metadata
+    from ..train.checkpoint import save_exported  # the training export's writer: atomic, config in the metadata
     out = Path(out_dir)
     save_exported(sd, config.to_dict(), out / "model.safetensors")
     atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
@@ -735,7 +735,7 @@ def save_checkpoint(sd: Dict[str, torch.Tensor], config: M3AEConfig, out_dir) ->
 
 def _full_state_dict(sd, cfg):
     """Fill params absent from a partial conversion with the model's initialisation."""
-    from .model import M3AE
+    from ..model.m3ae import M3AE
     model = M3AE(cfg)
     full = model.state_dict()
     full.update(sd)
