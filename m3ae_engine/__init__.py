@@ -1,6 +1,11 @@
 """m3ae-engine: a kernel-optimised PyTorch engine for multimodal masked autoencoders (M3AE, MAE)."""
-from .model.config import M3AEConfig, ConfigError  # noqa: F401
-from .model.m3ae import M3AE, M3AEOutput, InputError  # noqa: F401
+from . import ops  # noqa: F401
+from .interop import pretrained as _pretrained
+from .model import ConfigError, InputError, M3AE, M3AEConfig, M3AEOutput  # noqa: F401
+
+# the model layer may not import the file formats above it: the package joins them
+M3AE.from_pretrained = classmethod(_pretrained.from_pretrained)
+M3AE.save_pretrained = _pretrained.save_pretrained
 
 __version__ = "0.1.0"
 

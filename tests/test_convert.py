@@ -12,9 +12,12 @@ import torch
 
 from m3ae_engine import M3AE, M3AEConfig
 from m3ae_engine.model.attention import AttentionContext
-from m3ae_engine.interop.convert import (ConversionError, config_from_official, flatten_tree, load_model, main,
-                                         mae_config_from_state_dict, mae_to_state_dict, official_to_state_dict,
-                                         read_checkpoint, save_checkpoint, state_dict_to_official)
+from m3ae_engine.interop.cli import main
+from m3ae_engine.interop.exported import save_checkpoint
+from m3ae_engine.interop.load import load_model, read_checkpoint
+from m3ae_engine.interop.mae import mae_config_from_state_dict, mae_to_state_dict
+from m3ae_engine.interop.official import config_from_official, official_to_state_dict, state_dict_to_official
+from m3ae_engine.interop.report import ConversionError, flatten_tree
 from m3ae_engine.model.masking import SequenceLayout
 from m3ae_engine.interop.official_pickle import OfficialCheckpointError, read_official_checkpoint
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from m3ae_engine.model.config import CC12M_MEAN
-from m3ae_engine.interop.convert import (ConversionError, config_from_official, flatten_tree, load_model, main,
-                                         read_checkpoint, resolve_official_config)
+from m3ae_engine.interop.cli import main
+from m3ae_engine.interop.load import load_model, read_checkpoint
+from m3ae_engine.interop.official import config_from_official, resolve_official_config
+from m3ae_engine.interop.report import ConversionError, flatten_tree
 from m3ae_engine.interop.official_pickle import read_official_checkpoint
 from m3ae_engine.interop.official_flags import fields_from_variant, variant_from_config
 

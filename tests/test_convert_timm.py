@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.interop.convert import main, timm_model_spec, to_timm_state_dict, save_checkpoint
+from m3ae_engine.interop.cli import main
+from m3ae_engine.interop.exported import save_checkpoint
+from m3ae_engine.interop.timm_export import timm_model_spec, to_timm_state_dict
 from m3ae_engine.ops.reference import normalize_image
 
 from test_convert import _torch_timm_block

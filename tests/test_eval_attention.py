@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.interop.convert import save_checkpoint
+from m3ae_engine.interop.exported import save_checkpoint
 from m3ae_engine.eval import attention as attn_cli
 from m3ae_engine.eval.attention_maps import (attention_rollout, caption_words, encoder_attention, head_average,
                                              max_encoder_difference, resolve_layers, sample_maps)
@@ -195,7 +195,7 @@ def test_cli_synthetic_writes_pngs_npz_and_html(ckpt, capsys):
     out = ckpt / "out_syn"
     assert attn_cli.main(["--checkpoint", str(ckpt / "ckpt"), "--synthetic", "2", "--layers", "0,-1",
                           "--output-dir", str(out)]) == 0
-    from m3ae_engine.interop.convert import load_model
+    from m3ae_engine.interop.load import load_model
     from m3ae_engine.eval.reconstruct import samples_synthetic
     from m3ae_engine.model.tokenizer import default_tokenizer
     model, _ = load_model(ckpt / "ckpt")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.interop.convert import save_checkpoint
+from m3ae_engine.interop.exported import save_checkpoint
 from m3ae_engine.eval import finetune
 from m3ae_engine.train.optim import warmup_cosine
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.interop.convert import save_checkpoint
+from m3ae_engine.interop.exported import save_checkpoint
 from m3ae_engine.eval import linear_probe, ood
 from m3ae_engine.eval.features import ImageFolder, load_image
 from m3ae_engine.eval.linear_probe import LARS, lr_at, topk_accuracy

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from m3ae_engine import M3AE, M3AEConfig
-from m3ae_engine.interop.convert import save_checkpoint
+from m3ae_engine.interop.exported import save_checkpoint
 from m3ae_engine.eval import reconstruct as rec
 from m3ae_engine.eval.reconstruct import expand_braces, reconstruct, samples_from_shards
 from m3ae_engine.ops.reference import patchify
@@ -52,7 +52,7 @@ def test_reconstruct_synthetic_writes_png_and_html(ckpt, capsys):
 
 
 def test_reconstruct_panels_are_consistent(ckpt):
-    from m3ae_engine.interop.convert import load_model
+    from m3ae_engine.interop.load import load_model
     model, _ = load_model(ckpt / "ckpt")
     c = model.config
     from m3ae_engine.eval.reconstruct import samples_synthetic

@@ -80,7 +80,8 @@ def test_planted_pickles_never_run(two_checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="rng_rank0.pt: refused"):
         run(tmp_path / "other", steps=3, resume=str(rng_only))
     # convert / eval loaders (official pickles and .pt files)
-    from m3ae_engine.interop.convert import ConversionError, read_checkpoint
+    from m3ae_engine.interop.load import read_checkpoint
+    from m3ae_engine.interop.report import ConversionError
     plant_pickle(tmp_path / "evil.pt", marker)
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"params": Payload(marker)}, f)

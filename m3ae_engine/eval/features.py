@@ -15,7 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..interop.convert import ConversionError, load_model  # noqa: F401  (re-exported for the eval commands)
+from ..interop.load import load_model  # noqa: F401  (re-exported for the eval commands)
+from ..interop.report import ConversionError  # noqa: F401  (re-exported for the eval commands)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..model.config import M3AEConfig
-from ..interop.convert import timm_model_spec, to_timm_state_dict
+from ..interop.timm_export import timm_model_spec, to_timm_state_dict
 
 POOLS = {"cls": "token", "avg": "avg"}
 HEADS = ("m3ae", "mae")

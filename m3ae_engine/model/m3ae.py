@@ -27,7 +27,6 @@ from .config import M3AEConfig
 from .heads import OutputHead, official_init_
 from .masking import MaskingPlan, build_plan
 from .pos_embed import position_table
-from ..interop.pretrained import PretrainedMixin
 from ..ops.reference import normalize_image, patchify
 
 
@@ -139,7 +138,11 @@ class M3AEOutput:
         return full.scatter(1, self.image_masked_positions[..., None].expand(b, lm, p), self.image_prediction)
 
 
-class M3AE(PretrainedMixin, nn.Module):
+class M3AE(nn.Module):
+    """The M3AE model (MAE when used image-only). `M3AE.from_pretrained(path)` and `save_pretrained(dir)` are
+    given to the class by the package's `__init__` from m3ae_engine/interop/pretrained.py (file formats
+    sit above the model layer)."""
+
     def __init__(self, config: M3AEConfig):
         super().__init__()
         if not isinstance(config, M3AEConfig):

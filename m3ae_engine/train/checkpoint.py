@@ -31,55 +31,18 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 import sys
-import zipfile
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 
-from ..storage.atomic import atomic_write, atomic_write_text
-
-STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read: the one-line message names the file and what to do."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _refusal(e: BaseException) -> str:
-    """What the weights-only unpickler refused (torch's own message goes on to suggest weights_only=False,
-    which is exactly what must not be done with a file from elsewhere)."""
-    m = re.search(r"GLOBAL ([\w.]+)", str(e))
-    return f"it would call {m.group(1)}" if m else "an object the weights-only unpickler does not allow"
-
-
-def load_weights_only(path, map_location="cpu", mmap: bool = False, allow: Sequence[type] = ()):
-    """torch.load restricted to tensors, numbers, strings and containers (weights_only=True): a pickle
-    that would build any other object, and so could run code, is refused with a CheckpointError, as is
-    a truncated or corrupt file. mmap: tensors stay on disk until touched (e.g. an unused optimizer state);
-    only torch's zip format can be mapped, so another file is read whole (and judged as without mmap).
-    allow: further plain classes the file may hold (e.g. the argparse.Namespace of an MAE .pth)."""
-    try:
-        mmap = mmap and zipfile.is_zipfile(path)
-        with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data, "
-                              f"which could run code ({_refusal(e)})") from None
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file missing (incomplete checkpoint)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({_first_line(e)})") from None
-
+from ..storage.atomic import atomic_write_text
+from ..interop.exported import save_exported  # noqa: F401 (the trainer's final export)
+from ..interop.run_checkpoint import list_checkpoints, step_dir_name  # noqa: F401 (the run-folder layout)
+from ..storage.safe_load import CheckpointError, first_line, load_weights_only, refusal  # noqa: F401
 
 def _deepspeed_safe_globals() -> list:
     """The plain classes DeepSpeed/ZeRO checkpoints hold besides tensors (loss scalers, ZeRO enums, the
@@ -115,28 +78,15 @@ def deepspeed_loads_weights_only():
                 return real(f, *args, **kwargs)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{f}: refused to load: it holds objects outside the DeepSpeed allowlist, "
-                                  f"which could run code ({_refusal(e)})") from None
+                                  f"which could run code ({refusal(e)})") from None
         except (RuntimeError, EOFError, ValueError) as e:
-            raise CheckpointError(f"{f}: unreadable, truncated or corrupt ({_first_line(e)})") from None
+            raise CheckpointError(f"{f}: unreadable, truncated or corrupt ({first_line(e)})") from None
 
     torch.load = guarded
     try:
         yield
     finally:
         torch.load = real
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def list_checkpoints(ckpt_root: Path):
-    """Complete checkpoints (they have meta.json), oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir()
-             if (m := STEP_DIR.match(p.name)) and (p / "meta.json").is_file()]
-    return [p for _, p in sorted(found)]
 
 
 def resolve_resume(resume: str, output_dir: Optional[str]) -> List[Path]:
@@ -235,8 +185,8 @@ def fsync_dir(path: Path) -> None:
 
 def _write_error(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC or "iostream error" in str(e):
-        return f"disk full? ({_first_line(e)})"
-    return _first_line(e)
+        return f"disk full? ({first_line(e)})"
+    return first_line(e)
 
 
 def save_checkpoint(runtime, ckpt_root: Path, step: int, client_state: dict, meta: dict, keep_last: int,
@@ -307,7 +257,7 @@ def load_checkpoint(runtime, path: Path, rank: int) -> dict:
         try:
             set_rng_state(state)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{rng_file}: not a generator state of this version ({_first_line(e)})") from None
+            raise CheckpointError(f"{rng_file}: not a generator state of this version ({first_line(e)})") from None
     return client_state
 
 
@@ -367,20 +317,11 @@ def consolidated_state_dict(path: Path) -> dict:
     return {k.removeprefix("module."): v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-def save_exported(state_dict: dict, model_config: dict, out: Path) -> None:
-    """Write fp32 CPU weights to a safetensors file (atomic: temp + fsync + rename) with the model config in
-    its metadata."""
-    from safetensors.torch import save_file
-    state_dict = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
-    metadata = {"m3ae_config": json.dumps(model_config), "format": "pt"}
-    atomic_write(out, lambda tmp: save_file(state_dict, str(tmp), metadata=metadata))
-
-
 def export(checkpoint: Path, out: Path) -> Path:
     try:
         meta = json.loads((Path(checkpoint) / "meta.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{Path(checkpoint) / 'meta.json'}: unreadable ({_first_line(e)})") from None
+        raise CheckpointError(f"{Path(checkpoint) / 'meta.json'}: unreadable ({first_line(e)})") from None
     save_exported(consolidated_state_dict(checkpoint), meta["model_config"], Path(out))
     return Path(out)
 
@@ -388,7 +329,7 @@ def export(checkpoint: Path, out: Path) -> Path:
 def load_exported(path, device="cpu"):
     """An M3AE (train mode) with the weights of an exported safetensors file (its config travels in the
     metadata); convert.load_model reads it, with the same strictness."""
-    from ..interop.convert import load_model
+    from ..interop.load import load_model
     model, _ = load_model(path, device=device)
     return model.train()
 
