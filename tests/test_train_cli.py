@@ -119,7 +119,7 @@ def test_a_config_error_on_two_ranks_is_printed_once(monkeypatch, capsys):
 
 def test_worker_count_is_capped_by_the_cores(capsys):
     from m3ae_engine.train.runtime import DistInfo
-    from m3ae_engine.train.loop import available_cores, capped_workers
+    from m3ae_engine.train.batches import available_cores, capped_workers
     n = available_cores()
     assert capped_workers(n + 7, DistInfo()) == n
     assert f"--num-workers {n + 7} reduced to {n}" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import torch
 from m3ae_engine.model.config import ConfigError
 from m3ae_engine.train.runtime import DistInfo, prepare_ds_config
 from m3ae_engine.train.config import TrainConfig, parse
-from m3ae_engine.train.loop import check_data
+from m3ae_engine.train.batches import check_data
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -15,7 +15,8 @@ from m3ae_engine.model.config import ConfigError
 from m3ae_engine.data import SyntheticBatches
 from m3ae_engine.data.testdata import write_test_shards
 from m3ae_engine.train.config import TrainConfig, parse
-from m3ae_engine.train.loop import UNPAIRED_IMAGE_SEED_OFFSET, MaskNoise, train
+from m3ae_engine.train.batches import UNPAIRED_IMAGE_SEED_OFFSET, MaskNoise
+from m3ae_engine.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = dict(batch_size=8, steps=3, warmup_steps=1, log_every=1, tensorboard=False, num_workers=0, device="cpu")
