@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from .dali import DaliLoader, dali_available
-from .pillow_nvjpeg import NvJpegLoader, PillowLoader, TextLoader
+from .pillow_nvjpeg import NvJpegLoader, PillowLoader
+from .text_files import TextLoader
 
 DECODERS = ("auto", "dali", "nvjpeg", "cpu")
 

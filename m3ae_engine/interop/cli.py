@@ -15,7 +15,7 @@ official pickle or an MAE `.pth`.
 Official pickles (as `m3ae_main.py` writes them, optimizer and cloudpickled optax functions included) are
 read without JAX/flax and without running code from the file (official_pickle.py). Their model config
 comes from the checkpoint's own flags (`variant`, resolved as the official `get_default_config`:
-official_variant.py) and is checked against the tensor shapes; what neither states is an error that names
+official_flags.py) and is checked against the tensor shapes; what neither states is an error that names
 the flag to pass (`--num-heads`, `--image-size`, ...).
 
 Numerics (facts of the sources):

@@ -66,7 +66,7 @@ def log_interval(cfg: TrainConfig, total_steps: int) -> int:
 
 
 def _take_output_dir(out_dir: Optional[Path], info: DistInfo, held: list) -> None:
-    """Rank 0 locks OUTPUT_DIR (run_lock.py); every rank learns the outcome, so a second run stops on all
+    """Rank 0 locks OUTPUT_DIR (output_lock.py); every rank learns the outcome, so a second run stops on all
     ranks before it changes anything in the folder."""
     if out_dir is None:
         return

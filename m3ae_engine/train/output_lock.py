@@ -7,7 +7,7 @@ not stuck: when its PID is not alive on this host, the next run takes it over an
 another host cannot be checked from here: the message says to delete the file if that run is gone.
 
 Only global rank 0 takes the lock (the other ranks, also on other nodes, write into the folder only in
-collective checkpoint saves that rank 0 drives); trainer.py shares the outcome with every rank.
+collective checkpoint saves that rank 0 drives); train/loop.py shares the outcome with every rank.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """How the model is placed, wrapped and stepped: plain PyTorch (one process or DDP) or DeepSpeed ZeRO.
 
-Both runtimes expose the same five calls to the training loop (trainer.py):
+Both runtimes expose the same five calls to the training loop (loop.py):
   forward_backward(batch, noise, ...) -> M3AEOutput   one micro-batch, gradients accumulated
   step(lr, loss_bad) -> (grad_norm, bad)               optimizer step, SKIPPED when anything is non-finite
   save(dir, client_state) / load(dir) -> client_state  checkpoint files of this runtime
